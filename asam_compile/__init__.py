@@ -1,0 +1,24 @@
+"""asam_compile: a torch.compile backend that rewrites hand-written attention into fast kernels.
+
+Use it with no import: `torch.compile(model, backend="asam")` (registered through the
+`torch_dynamo_backends` entry point). Import it for `explain`, `capture` and the config.
+"""
+
+from asam_compile import _logging  # noqa: F401  (registers the asam_compile logger with TORCH_LOGS)
+from asam_compile.backend import asam_backend, capture, explain
+from asam_compile.config import AsamConfig
+from asam_compile.report import Candidate, GraphReport, Reject, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsamConfig",
+    "Candidate",
+    "GraphReport",
+    "Reject",
+    "Report",
+    "asam_backend",
+    "capture",
+    "explain",
+    "__version__",
+]

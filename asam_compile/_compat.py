@@ -1,0 +1,123 @@
+"""Every private torch API asam_compile touches, in one place. Checked on torch 2.11 (CUDA) and 2.13 (CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (node meta copied shallowly) sharing gm's attributes."""
+    graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    # graph_copy drops the output node's meta; Dynamo/Inductor do not need it.
+    graph._codegen = gm.graph._codegen
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None):
+    """Inductor's entry point, as torch.compile(backend="inductor") calls it."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    config_patches = None
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+
+        config_patches = list_mode_options(mode)
+    return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
+
+
+def example_value(node: fx.Node) -> Any:
+    """The fake value Dynamo recorded for a node (FakeTensor, SymInt, python value), or None."""
+    if not isinstance(node, fx.Node):
+        return node
+    meta = node.meta
+    if "example_value" in meta:
+        return meta["example_value"]
+    return meta.get("val")
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    """The FakeTensorMode Dynamo traced this graph with."""
+    from torch._guards import detect_fake_mode
+
+    vals = [example_value(n) for n in gm.graph.nodes]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def fake_mode_from(values: Any):
+    """The FakeTensorMode of the first fake tensor among `values` (nested), or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for v in torch.utils._pytree.tree_leaves(values):
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def placeholder_source(node: fx.Node) -> str | None:
+    """Dynamo's source name of a graph input, e.g. "L['self']._modules['attn']._buffers['bias']"."""
+    arg = node.meta.get("grapharg")
+    if arg is None:
+        return None
+    try:
+        return arg.source.name() if callable(arg.source.name) else arg.source.name
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def is_param_or_buffer(node: fx.Node) -> bool:
+    """Whether a placeholder is a module parameter or buffer that Dynamo lifted into a graph input."""
+    name = placeholder_source(node) or ""
+    return "._buffers[" in name or "._parameters[" in name
+
+
+def _sfdp_entries(patterns) -> list[tuple[Any, Any]]:
+    """(key, entry) pairs of Inductor's fuse_attention patterns, recognised by their extra_check."""
+    found = []
+    for key, entries in patterns.patterns.items():
+        for entry in entries:
+            if str(getattr(entry, "pattern_name", "") or "").startswith("_sfdp"):
+                found.append((key, entry))
+    return found
+
+
+@contextlib.contextmanager
+def inductor_sfdp_disabled(enabled: bool = True, devices: Sequence[Any] = ()) -> Iterator[int]:
+    """Remove Inductor's attention patterns (fuse_attention.py) from its joint-graph pass while compiling.
+
+    See Note [Inductor's attention pass] in asam_compile/backend.py. Yields how many patterns were removed.
+    """
+    if not enabled:
+        yield 0
+        return
+    from torch._inductor.fx_passes import joint_graph
+
+    # The patterns are registered lazily, once per input device (lazy_init is cached on it).
+    joint_graph.lazy_init()
+    for device in devices:
+        joint_graph.lazy_init(device)
+    removed = _sfdp_entries(joint_graph.patterns)
+    for key, entry in removed:
+        joint_graph.patterns.patterns[key].remove(entry)
+    try:
+        yield len(removed)
+    finally:
+        for key, entry in removed:
+            joint_graph.patterns.patterns[key].append(entry)
+
+
+def inductor_counters() -> Any:
+    from torch._dynamo.utils import counters
+
+    return counters

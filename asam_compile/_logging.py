@@ -1,0 +1,18 @@
+"""Registers the `asam_compile` logger with torch's logging, so that TORCH_LOGS="+asam_compile" works."""
+
+import logging
+
+log = logging.getLogger("asam_compile")
+
+
+def _register() -> None:
+    try:
+        from torch._logging._internal import log_registry, register_log
+
+        if "asam_compile" not in log_registry.log_alias_to_log_qnames:
+            register_log("asam_compile", ["asam_compile"])
+    except Exception:  # noqa: BLE001 - logging registration must never break an import
+        log.debug("could not register with torch._logging", exc_info=True)
+
+
+_register()

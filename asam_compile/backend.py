@@ -1,0 +1,194 @@
+"""The `asam` torch.compile backend: run our passes on Dynamo's graph, then hand it to Inductor."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import threading
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from asam_compile import _compat
+from asam_compile.config import AsamConfig
+from asam_compile.report import GraphReport, Report
+
+log = logging.getLogger(__name__)
+
+_graph_counter = itertools.count()
+_local = threading.local()
+_warned: set[str] = set()
+
+
+class Capture:
+    """What `capture()` collected: one report and one final graph per graph compiled inside the block."""
+
+    def __init__(self) -> None:
+        self.reports: list[GraphReport] = []
+        self.graphs: list[fx.GraphModule] = []  # the graphs handed to Inductor (after our passes)
+
+    @property
+    def report(self) -> Report:
+        return Report(list(self.reports))
+
+    @property
+    def n_rewritten(self) -> int:
+        return sum(len(r.rewritten) for r in self.reports)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[Capture]:
+    """Collect the reports and final graphs of every asam compile that happens inside the block."""
+    cap = Capture()
+    stack = _local.__dict__.setdefault("captures", [])
+    stack.append(cap)
+    try:
+        yield cap
+    finally:
+        stack.remove(cap)
+
+
+def _publish(report: GraphReport, gm: fx.GraphModule) -> None:
+    for cap in getattr(_local, "captures", []):
+        cap.reports.append(report)
+        cap.graphs.append(gm)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def run_passes(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: AsamConfig
+) -> tuple[fx.GraphModule, GraphReport]:
+    """Run normalize → match → rewrite on a copy of `gm`. The pipeline owns snapshots, dumps, recovery."""
+    from asam_compile.passes import PASS_NAMES, match, normalize, rewrite
+
+    report = GraphReport(graph_id=next(_graph_counter))
+    dump = _Dumper(config.dump_dir, report.graph_id)
+    dump.code("00_input", gm)
+
+    current = _compat.copy_graph_module(gm)
+    matches: list[Any] = []
+    for i, name in enumerate(PASS_NAMES, start=1):
+        if name in config.disable_passes:
+            continue
+        snapshot = _compat.copy_graph_module(current)
+        try:
+            if name == "normalize":
+                normalize.run(current, config)
+            elif name == "match":
+                matches = match.run(current, example_inputs, config, report)
+            elif name == "rewrite":
+                rewrite.run(current, matches, config, report)
+            current.graph.lint()
+            current.recompile()
+        except Exception as e:  # noqa: BLE001 - any failure of ours must not break the user's model
+            if config.strict:
+                raise
+            current = snapshot
+            report.failures.append(f"{name}: {type(e).__name__}: {e}")
+            for c in report.candidates:
+                if c.status == "rewritten" and name == "rewrite":
+                    c.status, c.target = "refused", None
+                    c.detail = f"rewrite pass failed: {e}"
+            _warn_once(
+                f"{name}:{type(e).__name__}",
+                f"asam_compile: pass '{name}' failed ({type(e).__name__}: {e}); the graph was restored "
+                "and compilation goes on without it. options={'strict': True} re-raises.",
+            )
+            if name == "match":
+                break  # nothing to rewrite
+        dump.code(f"{i:02d}_{name}", current)
+    dump.json("report", report.to_json())
+    log.info("%s", report.summary())
+    return current, report
+
+
+def asam_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, mode: str | None = None
+) -> Callable[..., Any]:
+    """The `asam` backend: `torch.compile(model, backend="asam", options={...})`."""
+    config = AsamConfig.from_options(options)
+    if mode is not None:
+        log.debug("torch.compile mode=%r is passed on to Inductor", mode)
+    new_gm, report = run_passes(gm, example_inputs, config)
+    _publish(report, new_gm)
+    if not config.inductor:
+        return new_gm.forward
+    try:
+        with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
+            return _compat.compile_fx(new_gm, example_inputs, mode)
+    except Exception as e:  # noqa: BLE001
+        if config.strict or not report.rewritten:
+            raise
+        report.inductor_fallback = f"{type(e).__name__}: {e}"
+        _warn_once(
+            f"inductor:{type(e).__name__}",
+            f"asam_compile: Inductor failed on the rewritten graph ({type(e).__name__}: {e}); "
+            "retrying with the original graph.",
+        )
+        with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
+            return _compat.compile_fx(gm, example_inputs, mode)
+
+
+def _devices(example_inputs: Sequence[Any]) -> list[torch.device]:
+    return sorted({x.device for x in example_inputs if isinstance(x, torch.Tensor)}, key=str)
+
+
+def explain(model: Callable[..., Any], *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
+    """Compile `model` with our passes only (no Inductor), run it once on the inputs, return the report."""
+    opts = dict(options or {})
+    opts["inductor"] = False
+    AsamConfig.from_options(opts)  # validate before tracing
+
+    def backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return asam_backend(gm, example_inputs, options=opts)
+
+    with capture() as cap, torch.no_grad():
+        torch._dynamo.reset()  # explain must see a fresh trace; see Note [explain resets Dynamo]
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    torch._dynamo.reset()
+    return cap.report
+
+
+# Note [explain resets Dynamo]
+# Dynamo caches compiled frames per code object. A model compiled before with another backend could
+# otherwise be served from that cache and explain() would see no graph. explain() is a debugging tool,
+# so paying a reset (and a recompile of whatever ran before) is the price of a truthful answer.
+
+
+class _Dumper:
+    """Writes readable code before/after each pass and a JSON report into dump_dir/graph_<id>/."""
+
+    def __init__(self, root: str | os.PathLike | None, graph_id: int) -> None:
+        self.dir = None
+        if root:
+            self.dir = os.path.join(os.fspath(root), f"graph_{graph_id:03d}")
+            os.makedirs(self.dir, exist_ok=True)
+
+    def code(self, name: str, gm: fx.GraphModule) -> None:
+        if self.dir:
+            with open(os.path.join(self.dir, f"{name}.py"), "w") as f:
+                f.write(gm.print_readable(print_output=False))
+
+    def json(self, name: str, obj: Any) -> None:
+        if self.dir:
+            with open(os.path.join(self.dir, f"{name}.json"), "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+
+
+# Note [Inductor's attention pass]
+# Inductor's fuse_attention.py registers ~30 attention patterns on the joint graph. They rewrite softmax
+# over a non-last dimension as if it were over the last one (pytorch issue 196468: relative error 0.3-0.9
+# on torch 2.13), never emit is_causal or enable_gqa, and would fight our rewrite on the candidates we
+# refused on purpose. While our backend hands a graph to Inductor, those patterns are taken out of its
+# pattern pass and put back afterwards; the other joint-graph patterns (pad_mm, misc) still run.

@@ -1,0 +1,82 @@
+"""The validated, frozen configuration of one asam compile, built from `torch.compile(options=...)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+# Environment variables are read here and nowhere else.
+ENV_DUMP_DIR = "ASAM_DUMP_DIR"
+ENV_STRICT = "ASAM_STRICT"
+
+MODES = ("exact",)
+
+
+@dataclasses.dataclass(frozen=True)
+class AsamConfig:
+    """Options of the `asam` backend. Every field can be given in `torch.compile(..., options={...})`."""
+
+    # "exact": rewrite only into programs equal to the original within float tolerance.
+    mode: str = "exact"
+    # Re-raise when one of our passes fails instead of restoring the graph and warning (the tests use it).
+    strict: bool = False
+    # Folder for per-graph dumps (code before/after each pass, JSON report); None: no dumps.
+    dump_dir: str | None = None
+    # Names of passes to skip, e.g. ("rewrite",) runs normalize and match only (a dry run).
+    disable_passes: tuple[str, ...] = ()
+    # Treat module buffers (GPT-2's `bias`, nanoGPT's tril) as constants when proving a mask causal.
+    # See Note [Buffers as constants] in passes/match.py.
+    trust_buffers: bool = True
+    # Use SDPA's enable_gqa instead of repeated K/V when no dense mask is passed (flash/cuDNN take it).
+    use_gqa: bool = True
+    # Keep Inductor's own attention pattern pass (fuse_attention) off our graphs: it miscompiles
+    # softmax over a non-last dimension (pytorch issue 196468) and we rewrite attention ourselves.
+    disable_inductor_sfdp: bool = True
+    # Hand the rewritten graph to Inductor; False returns it as eager Python (for explain and debugging).
+    inductor: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
+        """Build and validate a config; unknown keys and bad values raise ValueError naming them."""
+        options = dict(options or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"asam_compile: unknown option(s) {unknown}; allowed options are {sorted(fields)}"
+            )
+        if "dump_dir" not in options and os.environ.get(ENV_DUMP_DIR):
+            options["dump_dir"] = os.environ[ENV_DUMP_DIR]
+        if "strict" not in options and os.environ.get(ENV_STRICT, "") not in ("", "0"):
+            options["strict"] = True
+        for key, value in options.items():
+            _validate(key, value)
+        if "disable_passes" in options:
+            options["disable_passes"] = tuple(options["disable_passes"])
+        return cls(**options)
+
+    def cache_key(self) -> str:
+        """A stable string that changes with every option that changes the rewritten graph."""
+        return repr(sorted(dataclasses.asdict(self).items()))
+
+
+def _bad(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"asam_compile: option {key}={value!r} is not allowed; expected {allowed}")
+
+
+def _validate(key: str, value: Any) -> None:
+    from asam_compile.passes import PASS_NAMES
+
+    if key == "mode":
+        if value not in MODES:
+            raise _bad(key, value, f"one of {list(MODES)}")
+    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor"):
+        if not isinstance(value, bool):
+            raise _bad(key, value, "True or False")
+    elif key == "dump_dir":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise _bad(key, value, "a folder path (str) or None")
+    elif key == "disable_passes":
+        if isinstance(value, str) or not all(v in PASS_NAMES for v in value):
+            raise _bad(key, value, f"a list of pass names from {list(PASS_NAMES)}")

@@ -1,0 +1,692 @@
+"""match: grow an attention candidate outward from each softmax; never mutates the graph.
+
+    scores = (q * a) @ (k * b).transpose(-2, -1) / c     # any placement of scalar factors
+    scores = scores + mask | masked_fill(m, -inf) | where(m, scores, min)
+    probs  = softmax(scores, -1[, dtype]) [.to(d)] [dropout]
+    out    = probs @ v                                    ->  AttentionMatch(q, k, v, scale, mask, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from asam_compile import _compat
+from asam_compile.report import Candidate, GraphReport, Reject
+from asam_compile.passes.normalize import _is_tensor
+
+log = logging.getLogger(__name__)
+F = torch.nn.functional
+
+# A finite fill or additive value at or below this removes a key exactly: exp(v - rowmax) underflows to 0
+# in float32 for any score spread below 9,900. HF uses finfo(dtype).min, old BERT code -10000.
+LARGE_NEGATIVE = -1e4
+
+
+@dataclasses.dataclass
+class Operand:
+    """A tensor made 4-D (B, H, L|S, E) for SDPA: `node` followed by view ops `steps` (target, args)."""
+
+    node: fx.Node
+    steps: list[tuple[Any, tuple]] = dataclasses.field(default_factory=list)
+
+    def then(self, target: Any, *args: Any) -> "Operand":
+        return Operand(self.node, self.steps + [(target, args)])
+
+
+@dataclasses.dataclass
+class Fill:
+    """Positions where `mask` is True (or False when `keep_where_true`) take the value `value`."""
+
+    mask: fx.Node
+    value: float
+    mask_is_keep: bool  # True: mask marks positions to keep (where(m, scores, -inf))
+
+
+@dataclasses.dataclass
+class Term:
+    """An additive tensor term, multiplied by `factor` (scale applied after it was added)."""
+
+    node: fx.Node
+    factor: float
+    negate: bool = False
+
+
+@dataclasses.dataclass
+class AttentionMatch:
+    softmax: fx.Node
+    out: fx.Node  # the node whose value SDPA replaces (the PV matmul/einsum)
+    q: Operand
+    k: Operand
+    v: Operand
+    v_full: Operand  # v with repetition kept, for fully-masked-row fix-ups
+    scale: float
+    sym_factors: list[tuple[fx.Node, bool]]  # symbolic scale factors (node, is_divisor), folded into q
+    terms: list[Term]
+    fills: list[Fill]
+    mask_kind: str  # "none" | "causal" | "dense"
+    fixup: str | None  # None | "nan" | "mean": what fully masked rows give in the original
+    dropout_p: float
+    enable_gqa: bool
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    rank: int  # ndim of the original q/k/v (2, 3 or 4)
+    out_perm: tuple[int, ...] | None  # permutation of the SDPA output to the original layout
+    region: list[fx.Node]  # nodes of the pattern that may become dead
+
+
+class Rejection(Exception):
+    def __init__(self, reject: Reject, detail: str = "") -> None:
+        super().__init__(reject.value)
+        self.reject, self.detail = reject, detail
+
+
+def _val(x: Any) -> Any:
+    return _compat.example_value(x) if isinstance(x, fx.Node) else x
+
+
+def _is_scalar(x: Any) -> bool:
+    v = _val(x)
+    return isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+
+
+def _scalar_hint(x: Any) -> float:
+    v = _val(x)
+    if isinstance(v, (torch.SymInt, torch.SymFloat)):
+        return float(v.node.hint) if v.node.hint is not None else float("nan")
+    return float(v)
+
+
+def _call(node: Any, target: Any) -> bool:
+    return isinstance(node, fx.Node) and node.target is target and node.op in ("call_function", "call_method")
+
+
+def _is_cast(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to"
+
+
+def _is_identity_view(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("contiguous", "clone")
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L['self']", "")
+
+
+def source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            where = lines[i].split(",")
+            loc = where[0].replace("File ", "").strip('"').split("/")[-1] + ":" + where[1].replace(" line ", "").strip()
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{loc}: {code}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# probs side
+
+
+def _match_probs(softmax: fx.Node) -> tuple[fx.Node, float, list[fx.Node], fx.Node]:
+    """Follow the probabilities to the value matmul. Returns (consumer, dropout_p, region, probs)."""
+    region: list[fx.Node] = []
+    cur, dropout_p = softmax, 0.0
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            raise Rejection(Reject.PROBS_ESCAPE if len(users) > 1 else Reject.NO_VALUE_MATMUL, cur.name)
+        (user,) = users
+        if _is_cast(user) or _is_identity_view(user):
+            region.append(user)
+            cur = user
+            continue
+        if _call(user, F.dropout):
+            p = user.kwargs.get("p", user.args[1] if len(user.args) > 1 else 0.5)
+            training = user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
+            inplace = user.kwargs.get("inplace", user.args[3] if len(user.args) > 3 else False)
+            if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace:
+                raise Rejection(Reject.PROBS_CHANGED, f"dropout with non-constant arguments: {user.name}")
+            if training:
+                dropout_p = float(p)
+            region.append(user)
+            cur = user
+            continue
+        if _call(user, torch.matmul) and user.args[0] is cur:
+            return user, dropout_p, region, cur
+        if _call(user, torch.einsum):
+            return user, dropout_p, region, cur
+        if _reaches_matmul(user):
+            raise Rejection(Reject.PROBS_CHANGED, f"{user.name} ({user.target if isinstance(user.target, str) else getattr(user.target, '__name__', user.target)})")
+        raise Rejection(Reject.NO_VALUE_MATMUL, user.name)
+
+
+def _reaches_matmul(node: fx.Node, depth: int = 4) -> bool:
+    if depth == 0:
+        return False
+    for u in node.users:
+        if _call(u, torch.matmul) or _call(u, torch.einsum) or _reaches_matmul(u, depth - 1):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# scores side
+
+
+@dataclasses.dataclass
+class _Scores:
+    qk: fx.Node
+    factors: list[tuple[Any, bool]]  # (scalar, is_divisor) applied after the matmul, innermost first
+    terms: list[Term]
+    fills: list[Fill]
+    region: list[fx.Node]
+
+
+def _scores_side(a: Any, b: Any) -> tuple[Any, Any] | None:
+    """Which operand of a binary op carries the scores: (scores, other), or None."""
+    for x, y in ((a, b), (b, a)):
+        if isinstance(x, fx.Node) and _is_tensor(x) and _reaches_qk(x):
+            return x, y
+    return None
+
+
+def _reaches_qk(node: fx.Node, depth: int = 12) -> bool:
+    """Whether `node` is a QK matmul reached through ops the scores parser accepts."""
+    cur = node
+    for _ in range(depth):
+        if not isinstance(cur, fx.Node):
+            return False
+        if _call(cur, torch.matmul) or _call(cur, torch.einsum):
+            return True
+        if _is_cast(cur) or _is_identity_view(cur) or _call(cur, torch.masked_fill):
+            cur = cur.args[0]
+        elif _call(cur, torch.where):
+            nxt = [a for a in cur.args[1:] if isinstance(a, fx.Node) and _reaches_qk(a, depth - 1)]
+            return bool(nxt)
+        elif any(_call(cur, t) for t in (torch.mul, torch.div, torch.add, torch.sub)):
+            return any(isinstance(a, fx.Node) and _reaches_qk(a, depth - 1) for a in cur.args[:2])
+        else:
+            return False
+    return False
+
+
+def _match_scores(x: fx.Node) -> _Scores:
+    """Parse the softmax input down to the QK matmul. Every node on the way must have one user."""
+    chain: list[tuple[str, Any]] = []  # outermost first
+    region: list[fx.Node] = []
+    cur = x
+    while True:
+        if len(cur.users) != 1:
+            raise Rejection(Reject.SCORES_ESCAPE, cur.name)
+        region.append(cur)
+        if _call(cur, torch.matmul) or _call(cur, torch.einsum):
+            break
+        if _is_cast(cur) or _is_identity_view(cur):
+            cur = cur.args[0]
+            continue
+        if _call(cur, torch.mul) or _call(cur, torch.div):
+            a, b = cur.args
+            if _call(cur, torch.div):
+                side = (a, b) if isinstance(a, fx.Node) and _reaches_qk(a) else None
+            else:
+                side = _scores_side(a, b)
+            if side is None:
+                raise Rejection(Reject.NO_QK_MATMUL, cur.name)
+            s, other = side
+            if not _is_scalar(other):
+                raise Rejection(Reject.SCALE_NOT_SCALAR, f"{cur.name} multiplies by a tensor")
+            chain.append(("div" if _call(cur, torch.div) else "mul", other))
+            cur = s
+            continue
+        if _call(cur, torch.add) or _call(cur, torch.sub):
+            a, b = cur.args
+            side = _scores_side(a, b)
+            if side is None:
+                raise Rejection(Reject.NO_QK_MATMUL, cur.name)
+            s, other = side
+            if _call(cur, torch.sub) and s is b:
+                raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name} negates the scores")
+            if isinstance(other, fx.Node) and _is_tensor(other):
+                chain.append(("term", Term(other, 1.0, negate=_call(cur, torch.sub))))
+            # a scalar shift cancels in softmax: exact, nothing to record
+            cur = s
+            continue
+        if _call(cur, torch.masked_fill):
+            s, mask, value = cur.args
+            if not _is_scalar(value) and not (isinstance(value, fx.Node) and _val(value).dim() == 0 and False):
+                raise Rejection(Reject.MASK_FILL_VALUE, f"{cur.name} fills with a tensor")
+            chain.append(("fill", Fill(mask, _scalar_hint(value), mask_is_keep=False)))
+            cur = s
+            continue
+        if _call(cur, torch.where) and len(cur.args) == 3:
+            c, a, b = cur.args
+            if isinstance(a, fx.Node) and _is_tensor(a) and _reaches_qk(a) and _is_scalar(b):
+                chain.append(("fill", Fill(c, _scalar_hint(b), mask_is_keep=True)))
+                cur = a
+                continue
+            if isinstance(b, fx.Node) and _is_tensor(b) and _reaches_qk(b) and _is_scalar(a):
+                chain.append(("fill", Fill(c, _scalar_hint(a), mask_is_keep=False)))
+                cur = b
+                continue
+            raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name}: where() with a tensor on both sides")
+        name = cur.target if isinstance(cur.target, str) else getattr(cur.target, "__name__", str(cur.target))
+        raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name} ({name})")
+
+    # Fold innermost first: a later multiply scales the terms and fill values recorded before it.
+    factors: list[tuple[Any, bool]] = []
+    terms: list[Term] = []
+    fills: list[Fill] = []
+    for kind, item in reversed(chain):
+        if kind in ("mul", "div"):
+            factors.append((item, kind == "div"))
+            if isinstance(item, fx.Node):
+                f = _scalar_hint(item)
+            else:
+                f = float(item)
+            f = 1.0 / f if kind == "div" else f
+            for t in terms:
+                t.factor *= f
+            for fl in fills:
+                fl.value *= f
+        elif kind == "term":
+            terms.append(item)
+        else:
+            fills.append(item)
+    for fl in fills:
+        if not (fl.value == float("-inf") or fl.value <= LARGE_NEGATIVE):
+            raise Rejection(Reject.MASK_FILL_VALUE, f"fill value {fl.value}")
+    finite = {fl.value for fl in fills if fl.value != float("-inf")}
+    if len(finite) > 1 or (finite and len(finite) != len({fl.value for fl in fills})):
+        raise Rejection(Reject.MASK_FILL_VALUE, "masks fill different values")
+    return _Scores(cur, factors, terms, fills, region)
+
+
+# ---------------------------------------------------------------------------------------------------
+# operands
+
+
+def _peel_scalars(node: Any, factors: list[tuple[Any, bool]]) -> Any:
+    """Strip scalar mul/div (and transposes are NOT stripped here) from an operand."""
+    while isinstance(node, fx.Node) and (_call(node, torch.mul) or _call(node, torch.div)):
+        a, b = node.args
+        if _call(node, torch.mul) and _is_scalar(a) and isinstance(b, fx.Node):
+            a, b = b, a
+        if not (isinstance(a, fx.Node) and _is_scalar(b)):
+            break
+        factors.append((b, _call(node, torch.div)))
+        node = a
+    return node
+
+
+def _is_last_two_swap(node: Any) -> bool:
+    if not _call(node, torch.transpose):
+        return False
+    n = _val(node).dim()
+    return sorted((node.args[1] % n, node.args[2] % n)) == [n - 2, n - 1]
+
+
+def _key_operand(kt: fx.Node, factors: list[tuple[Any, bool]]) -> Operand:
+    """Kᵀ given as `kt`: return K, cancelling a transpose of the last two dims where there is one."""
+    node = _peel_scalars(kt, factors)
+    if _is_last_two_swap(node):
+        base = _peel_scalars(node.args[0], factors)
+        return Operand(base)
+    return Operand(node, [(torch.transpose, (-2, -1))])
+
+
+def _parse_einsum(eq: str, ndims: Sequence[int]) -> tuple[list[str], str] | None:
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != len(ndims):
+        return None
+    letters = [c for c in "ZYXWVUTSRPONM" if c not in eq]
+    res = []
+    for spec, nd in zip(ins, ndims):
+        if "..." in spec:
+            n_ell = nd - (len(spec) - 3)
+            spec = spec.replace("...", "".join(letters[:n_ell]))
+        res.append(spec)
+    if "..." in out:
+        n_ell = max(nd - (len(s) - 3) for s, nd in zip(lhs.split(","), ndims) if "..." in s)
+        out = out.replace("...", "".join(letters[:n_ell]))
+    for spec in res + [out]:
+        if len(set(spec)) != len(spec):
+            return None
+    return res, out
+
+
+def _qk_operands(qk: fx.Node, factors: list[tuple[Any, bool]]) -> tuple[Operand, Operand, list[str] | None]:
+    """Q and K (each (..., L, E) / (..., S, E)) of the scores node; labels of the scores for einsum."""
+    if _call(qk, torch.matmul):
+        a, b = qk.args
+        if _val(a).dim() != _val(b).dim():
+            raise Rejection(Reject.UNSUPPORTED_RANK, "query and key ranks differ")
+        q = Operand(_peel_scalars(a, factors))
+        return q, _key_operand(b, factors), None
+    eq, *ops = qk.args
+    if len(ops) != 2:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    parsed = _parse_einsum(eq, [_val(o).dim() for o in ops])
+    if parsed is None:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    (la, lb), lo = parsed
+    contracted = [c for c in la if c in lb and c not in lo]
+    if len(contracted) != 1 or len(lo) < 2:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    (e,) = contracted
+    ql, kl, batch = lo[-2], lo[-1], lo[:-2]
+    if ql not in la or ql in lb or kl not in lb or kl in la or any(c not in la or c not in lb for c in batch):
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    if set(la) != set(batch + ql + e) or set(lb) != set(batch + kl + e):
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    q = _permuted(Operand(_peel_scalars(ops[0], factors)), [la.index(c) for c in batch + ql + e])
+    k = _permuted(Operand(_peel_scalars(ops[1], factors)), [lb.index(c) for c in batch + kl + e])
+    return q, k, list(lo)
+
+
+def _permuted(op: Operand, perm: list[int]) -> Operand:
+    if perm == list(range(len(perm))):
+        return op
+    return op.then(torch.permute, tuple(perm))
+
+
+def _value_operand(out: fx.Node, probs: fx.Node, score_labels: list[str] | None) -> tuple[Operand, tuple[int, ...] | None]:
+    if _call(out, torch.matmul):
+        return Operand(out.args[1]), None
+    eq, *ops = out.args
+    if len(ops) != 2:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    parsed = _parse_einsum(eq, [_val(o).dim() for o in ops])
+    if parsed is None:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    specs, lo = parsed
+    pi = 0 if ops[0] is probs else 1
+    lp, lv = specs[pi], specs[1 - pi]
+    n = len(lp)
+    batch, ql, kl = lp[:-2], lp[-2], lp[-1]
+    e = [c for c in lv if c not in lp]
+    if len(e) != 1 or kl not in lv or kl in lo or set(lv) != set(batch + kl + e[0]) or set(lo) != set(batch + ql + e[0]):
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    if score_labels is not None and len(score_labels) != n:
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
+    v = _permuted(Operand(ops[1 - pi]), [lv.index(c) for c in batch + kl + e[0]])
+    natural = batch + ql + e[0]
+    perm = tuple(natural.index(c) for c in lo)
+    return v, (None if perm == tuple(range(len(perm))) else perm)
+
+
+def _repeat_source(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(k, n_rep) if `node` is k with heads repeated n_rep times in repeat_interleave order (HF repeat_kv)."""
+    val = _val(node)
+    if val.dim() != 4:
+        return None
+    if _call(node, torch.repeat_interleave) or (node.op == "call_method" and node.target == "repeat_interleave"):
+        src, reps = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        if isinstance(reps, int) and dim is not None and dim % 4 == 1 and isinstance(src, fx.Node):
+            return src, reps
+        return None
+    if node.op == "call_method" and node.target == "reshape" or _call(node, torch.reshape):
+        ex = node.args[0]
+        if not (isinstance(ex, fx.Node) and ex.op == "call_method" and ex.target == "expand"):
+            return None
+        un = ex.args[0]
+        src = None
+        if isinstance(un, fx.Node) and un.op == "call_method" and un.target == "unsqueeze" and un.args[1] == 2:
+            src = un.args[0]
+        elif _call(un, operator.getitem) and isinstance(un.args[1], tuple):
+            idx = un.args[1]
+            if len(idx) >= 3 and idx[2] is None and all(i == slice(None) for i in idx[:2]) and all(i == slice(None) for i in idx[3:]):
+                src = un.args[0]
+        if src is None or _val(src).dim() != 4:
+            return None
+        ev = _val(ex)
+        sv = _val(src)
+        if ev.dim() != 5 or ev.shape[1] != sv.shape[1] or ev.shape[3:] != sv.shape[2:] or ev.shape[0] != sv.shape[0]:
+            return None
+        n_rep = ev.shape[2]
+        if not isinstance(n_rep, int) or tuple(val.shape) != (sv.shape[0], sv.shape[1] * n_rep, *sv.shape[2:]):
+            return None
+        return src, n_rep
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# masks
+
+
+# Note [Buffers as constants]
+# nanoGPT and GPT-2 keep a causal tril in a module buffer and slice it (`bias[:, :, :T, :T]`). Dynamo
+# lifts the buffer into a graph input and guards on its shape, not its values. With trust_buffers (the
+# default) we read the buffer once at compile time and, if the sliced mask is exactly causal, emit
+# is_causal=True: a later in-place edit of that buffer would then not be seen. That is the trade every
+# user of such a model wants (flash attention instead of a materialised mask), and it can be turned off.
+
+# Note [Fully masked rows]
+# A query row whose keys are all masked gives: NaN in eager with a -inf fill or an all -inf additive
+# mask; a uniform average of V with a finite fill (masked_fill(m, finfo.min)); and about the same with an
+# additive finfo.min mask. SDPA gives zeros for -inf (safe softmax, PyTorch >= 2.5) and a uniform average
+# for an additive finfo.min. We keep the original's result: after SDPA, rows that were fully masked by a
+# fill get NaN (-inf fills) or the mean of V (finite fills), and rows all -inf in an additive mask get NaN.
+# A causal mask proven at compile time has no such rows and needs no fix-up.
+
+
+def _mask_inputs(nodes: list[fx.Node]) -> tuple[set[fx.Node], bool]:
+    """Ancestors of the mask nodes, and whether they depend only on shapes, constants and buffers."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen, True
+
+
+def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
+    for n in anc:
+        if n.op == "placeholder":
+            val = _val(n)
+            if isinstance(val, torch.Tensor):
+                if config.trust_buffers and _compat.is_param_or_buffer(n):
+                    continue
+                # a user tensor is fine only if nothing but its size is read
+                if all(u.op == "call_method" and u.target in ("size", "dim") or _call(u, getattr) and u.args[1] in ("shape", "device", "dtype") for u in n.users):
+                    continue
+                return False
+            else:
+                return False  # SymInt inputs: dynamic shapes, see Note [Masks under dynamic shapes]
+        elif n.op == "get_attr":
+            continue
+        elif n.op in ("call_function", "call_method"):
+            if getattr(n.target, "_nondeterministic_seeded", False) or n.target in (torch.rand, torch.randn, torch.rand_like, torch.randint, F.dropout):
+                return False
+            v = _val(n)
+            if isinstance(v, torch.Tensor) and any(not isinstance(s, int) for s in v.shape):
+                return False
+    return True
+
+
+# Note [Masks under dynamic shapes]
+# A mask that depends only on shapes is evaluated at compile time and compared with the causal pattern.
+# Under dynamic shapes one evaluation would prove nothing about the other lengths the graph serves, so
+# such masks are kept as dense masks (still exact). Proving causality symbolically is future work.
+
+
+def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    """Run the ancestor subgraph of `nodes` on the real example inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    env: dict[fx.Node, Any] = {}
+    for n, x in zip(placeholders, example_inputs):
+        env[n] = x
+    interp = fx.Interpreter(gm)
+    for n in gm.graph.nodes:
+        if n not in anc or n.op == "placeholder":
+            continue
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+        env[n] = getattr(interp, n.op)(n.target, args, kwargs)
+    return [env[n] for n in nodes]
+
+
+def _combined_mask(scores: _Scores, term_vals: list[torch.Tensor], fill_vals: list[torch.Tensor], shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, additive) as dense float64/bool tensors broadcast to the scores shape."""
+    add = torch.zeros(shape, dtype=torch.float64)
+    for t, v in zip(scores.terms, term_vals):
+        v = v.to("cpu", torch.float64) * t.factor
+        add = add + (-v if t.negate else v)
+    keep = torch.ones(shape, dtype=torch.bool)
+    for fl, m in zip(scores.fills, fill_vals):
+        m = m.to("cpu").bool()
+        keep = keep & (m if fl.mask_is_keep else ~m)
+    keep = keep & (add > LARGE_NEGATIVE)
+    return keep, add
+
+
+def _classify_constant_mask(keep: torch.Tensor, add: torch.Tensor) -> str:
+    """"none", "causal" or "dense" for a mask known at compile time."""
+    if not torch.all(add[keep] == 0):
+        return "dense"
+    L, S = keep.shape[-2:]
+    if bool(keep.all()):
+        return "none"
+    causal = torch.ones(L, S, dtype=torch.bool).tril()
+    if torch.equal(keep, causal.expand_as(keep)):
+        return "causal"
+    return "dense"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any) -> AttentionMatch:
+    """Grow a candidate outward from one softmax node. Never mutates the graph. Raises Rejection."""
+    if softmax.target is torch.log_softmax:
+        raise Rejection(Reject.LOG_SOFTMAX)
+    x, dim = softmax.args[:2]
+    xv = _val(x)
+    if dim % xv.dim() != xv.dim() - 1:
+        raise Rejection(Reject.SOFTMAX_NOT_LAST_DIM, f"dim={dim} of a {xv.dim()}-D tensor")
+    out, dropout_p, probs_region, probs = _match_probs(softmax)
+    scores = _match_scores(x)
+    q_factors: list[tuple[Any, bool]] = []
+    q, k, labels = _qk_operands(scores.qk, q_factors)
+    v, out_perm = _value_operand(out, probs, labels)
+    if labels is None and _call(out, torch.matmul):
+        pass
+    elif labels is not None and _call(out, torch.matmul):
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, "einsum scores with a matmul on values")
+
+    # scale: python numbers fold into SDPA's scale; symbolic ones are multiplied into q
+    scale, sym = 1.0, []
+    for f, is_div in q_factors + scores.factors:
+        if isinstance(f, fx.Node):
+            if _scalar_hint(f) <= 0:
+                raise Rejection(Reject.SCALE_NOT_POSITIVE, f.name)
+            sym.append((f, is_div))
+        else:
+            scale = scale / f if is_div else scale * f
+    if not scale > 0 or math.isinf(scale):
+        raise Rejection(Reject.SCALE_NOT_POSITIVE, f"scale={scale}")
+
+    # shapes
+    qv, sv = _val(scores.qk), _val(out)
+    rank = qv.dim()
+    if rank not in (2, 3, 4):
+        raise Rejection(Reject.UNSUPPORTED_RANK, f"{rank}-D scores")
+    L, S = qv.shape[-2], qv.shape[-1]
+    if any(isinstance(d, int) and d == 0 for d in (L, S, sv.shape[-1])):
+        raise Rejection(Reject.EMPTY)
+
+    # mask
+    mask_nodes = [t.node for t in scores.terms] + [fl.mask for fl in scores.fills]
+    for m in mask_nodes:
+        mv = _val(m)
+        try:
+            shape = torch.broadcast_shapes(tuple(mv.shape), tuple(qv.shape))
+        except RuntimeError:
+            raise Rejection(Reject.MASK_NOT_BROADCASTABLE, m.name)
+        if tuple(shape) != tuple(qv.shape):
+            raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{m.name} {tuple(mv.shape)} vs scores {tuple(qv.shape)}")
+    mask_kind, fixup = "none", None
+    if mask_nodes:
+        anc, _ = _mask_inputs(mask_nodes)
+        if _constant_inputs_ok(anc, config) and all(isinstance(d, int) for d in qv.shape):
+            vals = _evaluate(mask_nodes, anc, gm, example_inputs)
+            keep, add = _combined_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], tuple(qv.shape))
+            mask_kind = _classify_constant_mask(keep, add)
+            if mask_kind == "dense" and bool((~keep).all(-1).any()):
+                fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
+        else:
+            mask_kind = "dense"
+            fixup = _runtime_fixup(scores)
+
+    # GQA: repeated K/V heads
+    enable_gqa = False
+    v_full = v
+    if config.use_gqa and mask_kind in ("none", "causal") and rank == 4 and not k.steps and not v.steps:
+        rk, rv = _repeat_source(k.node), _repeat_source(v.node)
+        if rk and rv and rk[1] == rv[1] and rk[1] > 1 and _val(rk[0]).shape[1] == _val(rv[0]).shape[1]:
+            k, v, enable_gqa = Operand(rk[0]), Operand(rv[0]), True
+
+    # dtypes: SDPA runs in the dtype the original matmuls ran in (the autocast dtype under autocast)
+    out_dtype = sv.dtype
+    compute_dtype = torch.promote_types(qv.dtype, sv.dtype)
+    if not compute_dtype.is_floating_point:
+        raise Rejection(Reject.DTYPE, str(compute_dtype))
+
+    return AttentionMatch(
+        softmax=softmax, out=out, q=q, k=k, v=v, v_full=v_full, scale=scale, sym_factors=sym,
+        terms=scores.terms, fills=scores.fills, mask_kind=mask_kind, fixup=fixup, dropout_p=dropout_p,
+        enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
+        out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region],
+    )
+
+
+def _runtime_fixup(scores: _Scores) -> str | None:
+    if scores.fills:
+        return "nan" if any(fl.value == float("-inf") for fl in scores.fills) else "mean"
+    return "nan_if_all_neginf"  # an additive mask that may hold -inf rows at run time
+
+
+def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: GraphReport) -> list[AttentionMatch]:
+    """Match every softmax; record a Candidate for each; return the matches."""
+    matches = []
+    for node in gm.graph.nodes:
+        if not (_call(node, torch.softmax) or _call(node, torch.log_softmax)):
+            continue
+        cand = Candidate(site=node.name, module=module_path(node), source=source_line(node), status="refused")
+        try:
+            m = match_attention(node, gm, example_inputs, config)
+        except Rejection as r:
+            cand.reject, cand.detail = r.reject, r.detail
+            log.debug("refused %s (%s): %s", node.name, cand.module, cand.reason)
+        else:
+            cand.status, cand.target = "rewritten", "sdpa"
+            cand.info = {
+                "mask": m.mask_kind,
+                "is_causal": m.mask_kind == "causal",
+                "enable_gqa": m.enable_gqa,
+                "dropout_p": m.dropout_p,
+                "scale": round(m.scale, 6) if not m.sym_factors else "symbolic",
+            }
+            matches.append(m)
+            log.debug("matched %s (%s): %s", node.name, cand.module, cand.info)
+        report.candidates.append(cand)
+    return matches

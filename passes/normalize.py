@@ -1,0 +1,173 @@
+"""normalize: rewrite the many spellings of the ops attention is made of into one canonical call each.
+
+    a @ b, a.matmul(b), torch.bmm(a, b)          ->  torch.matmul(a, b)
+    x.softmax(-1), F.softmax(x, dim=-1, dtype=d)  ->  torch.softmax(x, -1, dtype=d)
+    x.mT, x.transpose(2, 3), x.swapaxes(...)      ->  torch.transpose(x, i, j)
+    x.float(), x.type_as(y), x.to(dtype=d)        ->  x.to(d)
+
+Every rewrite maps an op to the identical op (same kernel, same rounding), so this pass never changes
+numbers; it only shrinks what the matcher has to recognise.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from asam_compile import _compat
+
+log = logging.getLogger(__name__)
+
+F = torch.nn.functional
+
+MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
+SOFTMAXES = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+LOG_SOFTMAXES = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+EINSUMS = {torch.einsum, torch.functional.einsum}
+MULS = {operator.mul, torch.mul, torch.Tensor.mul}
+DIVS = {operator.truediv, torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.true_divide}
+ADDS = {operator.add, torch.add, torch.Tensor.add}
+SUBS = {operator.sub, torch.sub, torch.Tensor.sub}
+TRANSPOSES = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
+MASKED_FILLS = {torch.masked_fill, torch.Tensor.masked_fill}
+WHERES = {torch.where}
+DTYPE_METHODS = {
+    "float": torch.float32,
+    "double": torch.float64,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_METHOD_TO_FN = {
+    "matmul": torch.matmul,
+    "bmm": torch.matmul,
+    "__matmul__": torch.matmul,
+    "softmax": torch.softmax,
+    "log_softmax": torch.log_softmax,
+    "transpose": torch.transpose,
+    "swapaxes": torch.transpose,
+    "swapdims": torch.transpose,
+    "mul": torch.mul,
+    "div": torch.div,
+    "true_divide": torch.div,
+    "add": torch.add,
+    "sub": torch.sub,
+    "masked_fill": torch.masked_fill,
+}
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(_compat.example_value(x), torch.Tensor)
+
+
+def _ndim(x: Any) -> int:
+    return _compat.example_value(x).dim()
+
+
+def canonical(node: fx.Node) -> tuple[Any, tuple, dict] | None:
+    """The canonical (target, args, kwargs) of a call_function node equal to `node`, or None."""
+    if node.op == "call_method":
+        name = node.target
+        if name in DTYPE_METHODS and len(node.args) == 1 and not node.kwargs:
+            return "to", (node.args[0], DTYPE_METHODS[name]), {}
+        if name in ("type", "to", "type_as"):
+            return _canonical_cast(node)
+        fn = _METHOD_TO_FN.get(name)
+        if fn is None:
+            return None
+        return _canonical_call(fn, node.args, dict(node.kwargs), node)
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) == 2 and node.args[1] == "mT" and _is_tensor(node.args[0]):
+            return torch.transpose, (node.args[0], -2, -1), {}
+        return _canonical_call(node.target, node.args, dict(node.kwargs), node)
+    return None
+
+
+def _canonical_cast(node: fx.Node) -> tuple[Any, tuple, dict] | None:
+    x, *rest = node.args
+    kwargs = dict(node.kwargs)
+    val = _compat.example_value(node)
+    if not isinstance(val, torch.Tensor) or not _is_tensor(x):
+        return None
+    if node.target == "type_as":
+        return "to", (x, val.dtype), {}
+    # x.to(dtype) / x.to(dtype=...) / x.type(dtype): only pure dtype casts on the same device
+    allowed = {"dtype", "copy", "non_blocking"} if node.target == "to" else {"dtype"}
+    if set(kwargs) - allowed or kwargs.get("copy"):
+        return None
+    if len(rest) > 1 or (rest and not isinstance(rest[0], torch.dtype)):
+        return None
+    if _compat.example_value(x).device != val.device:
+        return None
+    return "to", (x, val.dtype), {}
+
+
+def _canonical_call(fn: Any, args: tuple, kwargs: dict, node: fx.Node) -> tuple[Any, tuple, dict] | None:
+    if fn in MATMULS:
+        a, b = args
+        if not (_is_tensor(a) and _is_tensor(b)):
+            return None
+        return torch.matmul, (a, b), {}
+    if fn in SOFTMAXES or fn in LOG_SOFTMAXES:
+        target = torch.softmax if fn in SOFTMAXES else torch.log_softmax
+        x = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        dtype = kwargs.get("dtype", args[3] if fn in (F.softmax, F.log_softmax) and len(args) > 3 else None)
+        if fn in (torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax):
+            dtype = kwargs.get("dtype", args[2] if len(args) > 2 else None)
+        if dim is None or not isinstance(dim, int):
+            return None
+        return target, (x, dim), ({"dtype": dtype} if dtype is not None else {})
+    if fn in EINSUMS:
+        eq, *ops = args
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if kwargs or not isinstance(eq, str):
+            return None
+        return torch.einsum, (eq, *ops), {}
+    if fn in TRANSPOSES:
+        x, d0, d1 = (list(args) + [kwargs.get("dim0"), kwargs.get("dim1")])[:3]
+        if not (_is_tensor(x) and isinstance(d0, int) and isinstance(d1, int)):
+            return None
+        n = _ndim(x)
+        return torch.transpose, (x, d0 % n, d1 % n), {}
+    if fn in MULS or fn in DIVS or fn in ADDS or fn in SUBS:
+        if len(args) != 2 or not _is_tensor(node):
+            return None
+        if fn in DIVS and kwargs.get("rounding_mode") is not None:
+            return None
+        if fn in (ADDS | SUBS) and kwargs.get("alpha", 1) != 1:
+            return None
+        if set(kwargs) - {"alpha", "rounding_mode"}:
+            return None
+        target = torch.mul if fn in MULS else torch.div if fn in DIVS else torch.add if fn in ADDS else torch.sub
+        return target, tuple(args), {}
+    if fn in MASKED_FILLS:
+        x, mask, value = (list(args) + [kwargs.get("mask"), kwargs.get("value")])[:3]
+        return torch.masked_fill, (x, mask, value), {}
+    return None
+
+
+def run(gm: fx.GraphModule, config: Any) -> int:
+    """Rewrite every recognised spelling in place. Returns how many nodes changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        try:
+            canon = canonical(node)
+        except (ValueError, TypeError, IndexError):
+            canon = None
+        if canon is None:
+            continue
+        target, args, kwargs = canon
+        op = "call_method" if isinstance(target, str) else "call_function"
+        if (node.op, node.target, tuple(node.args), dict(node.kwargs)) == (op, target, args, kwargs):
+            continue
+        node.op, node.target, node.args, node.kwargs = op, target, args, kwargs
+        changed += 1
+    log.debug("normalize: %d nodes canonicalised", changed)
+    return changed

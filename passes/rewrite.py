@@ -1,0 +1,166 @@
+"""rewrite: replace each matched attention by one scaled_dot_product_attention call.
+
+    probs = softmax(q @ k.mT * s + causal_mask, -1); out = probs @ repeat_kv(v)
+      ->  out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=True)
+
+Dead nodes of the old pattern are erased; new nodes carry meta["example_value"], stack_trace and
+nn_module_stack of the softmax they replace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from asam_compile import _compat
+from asam_compile.passes.match import AttentionMatch, Operand
+from asam_compile.report import GraphReport
+
+log = logging.getLogger(__name__)
+F = torch.nn.functional
+
+_COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "original_aten")
+
+
+class _Emitter:
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node) -> None:
+        self.graph = gm.graph
+        self.anchor = anchor
+        self.like = like
+
+    def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        op = "call_method" if isinstance(target, str) else "call_function"
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs)
+        for key in _COPIED_META:
+            if key in self.like.meta:
+                node.meta[key] = self.like.meta[key]
+        fargs = fx.node.map_arg(args, _compat.example_value)
+        fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
+        with _compat.fake_mode_from((fargs, fkwargs)) or _null():
+            if op == "call_method":
+                val = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+            else:
+                val = target(*fargs, **fkwargs)
+        node.meta["example_value"] = val
+        return node
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _emit_operand(emit: _Emitter, op: Operand, rank: int, dtype: torch.dtype) -> fx.Node:
+    node = op.node
+    for target, args in op.steps:
+        node = emit(target, node, *args)
+    for _ in range(4 - rank):
+        node = emit("unsqueeze", node, 0)
+    if _compat.example_value(node).dtype != dtype:
+        node = emit("to", node, dtype)
+    return node
+
+
+def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.Node | None]:
+    """(attn_mask, fully_masked_rows) for a dense mask; rows is a bool (..., L, 1) node or None."""
+    additive = None
+    for t in m.terms:
+        node = t.node
+        if t.factor != 1.0:
+            node = emit(torch.mul, node, t.factor)
+        if t.negate:
+            node = emit(torch.neg, node)
+        additive = node if additive is None else emit(torch.add, additive, node)
+    keep = None
+    for fl in m.fills:
+        k = fl.mask if fl.mask_is_keep else emit(torch.logical_not, fl.mask)
+        if _compat.example_value(k).dtype != torch.bool:
+            k = emit("to", k, torch.bool)
+        keep = k if keep is None else emit(torch.logical_and, keep, k)
+    rows = None
+    if additive is not None:
+        if _compat.example_value(additive).dtype != m.compute_dtype:
+            additive = emit("to", additive, m.compute_dtype)
+        if keep is not None:
+            additive = emit(torch.masked_fill, additive, emit(torch.logical_not, keep), float("-inf"))
+        if m.fixup is not None:
+            rows = emit("all", emit(torch.isneginf, additive), -1, keepdim=True)
+        return additive, rows
+    if m.fixup is not None:
+        rows = emit("all", emit(torch.logical_not, keep), -1, keepdim=True)
+    return keep, rows
+
+
+def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
+    """Insert the SDPA call (and its layout/dtype glue) before the value matmul; return the new output."""
+    emit = _Emitter(gm, m.out, m.softmax)
+    dtype = m.compute_dtype
+    q = _emit_operand(emit, m.q, m.rank, dtype)
+    for f, is_div in m.sym_factors:
+        q = emit(torch.div if is_div else torch.mul, q, f)
+    k = _emit_operand(emit, m.k, m.rank, dtype)
+    v = _emit_operand(emit, m.v, m.rank, dtype)
+    attn_mask, rows = (None, None)
+    if m.mask_kind == "dense":
+        attn_mask, rows = _emit_mask(emit, m)
+    kwargs: dict[str, Any] = {
+        "attn_mask": attn_mask,
+        "dropout_p": m.dropout_p,
+        "is_causal": m.mask_kind == "causal",
+        "scale": m.scale,
+    }
+    if m.enable_gqa:
+        kwargs["enable_gqa"] = True
+    out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    if rows is not None:
+        # Note [Fully masked rows] in passes/match.py
+        if m.fixup == "mean":
+            v_full = _emit_operand(emit, m.v_full, m.rank, dtype)
+            fill = emit("mean", v_full, -2, keepdim=True)
+        else:
+            fill = float("nan")
+        out = emit(torch.where, rows, fill, out)
+    for _ in range(4 - m.rank):
+        out = emit("squeeze", out, 0)
+    if m.out_perm is not None:
+        out = emit(torch.permute, out, m.out_perm)
+    if _compat.example_value(out).dtype != m.out_dtype:
+        out = emit("to", out, m.out_dtype)
+    return out
+
+
+def _is_pure(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return not name.endswith("_")  # in-place ops are kept even when their result is unused
+
+
+def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the old pattern and whatever pure producers only it used (e.g. a causal mask)."""
+    work = list(nodes)
+    while work:
+        n = work.pop()
+        if getattr(n, "_erased", False) or n.users or not _is_pure(n):
+            continue
+        inputs = n.all_input_nodes
+        gm.graph.erase_node(n)
+        work.extend(inputs)
+
+
+def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: GraphReport) -> int:
+    """Rewrite every match. Returns the number of SDPA calls emitted."""
+    for m in matches:
+        new = emit_sdpa(gm, m)
+        m.out.replace_all_uses_with(new)
+        _erase_dead(gm, m.region)
+    if matches:
+        log.debug("rewrite: %d attention sites -> sdpa", len(matches))
+    return len(matches)
