@@ -97,9 +97,9 @@ def run_passes(
             current = snapshot
             report.failures.append(f"{name}: {type(e).__name__}: {e}")
             for c in report.candidates:
-                if c.status == "rewritten" and name == "rewrite":
+                if c.status == "rewritten" and name in ("match", "rewrite"):
                     c.status, c.target = "refused", None
-                    c.detail = f"rewrite pass failed: {e}"
+                    c.detail = f"{name} pass failed: {e}"
             _warn_once(
                 f"{name}:{type(e).__name__}",
                 f"asam_compile: pass '{name}' failed ({type(e).__name__}: {e}); the graph was restored "

@@ -510,31 +510,72 @@ def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
                 if all(u.op == "call_method" and u.target in ("size", "dim") or _call(u, getattr) and u.args[1] in ("shape", "device", "dtype") for u in n.users):
                     continue
                 return False
-            else:
-                return False  # SymInt inputs: dynamic shapes, see Note [Masks under dynamic shapes]
+            elif not isinstance(val, torch.SymInt):
+                return False
         elif n.op == "get_attr":
             continue
         elif n.op in ("call_function", "call_method"):
             if getattr(n.target, "_nondeterministic_seeded", False) or n.target in (torch.rand, torch.randn, torch.rand_like, torch.randint, F.dropout):
-                return False
-            v = _val(n)
-            if isinstance(v, torch.Tensor) and any(not isinstance(s, int) for s in v.shape):
                 return False
     return True
 
 
 # Note [Masks under dynamic shapes]
 # A mask that depends only on shapes is evaluated at compile time and compared with the causal pattern.
-# Under dynamic shapes one evaluation would prove nothing about the other lengths the graph serves, so
-# such masks are kept as dense masks (still exact). Proving causality symbolically is future work.
+# With static shapes that evaluation is a proof: Dynamo guards on every size. Under dynamic shapes the
+# graph serves many lengths, so the mask is evaluated for several assignments of the size symbols (the
+# example's, and smaller ones down to 2) and called causal only if every evaluation is causal. This is
+# evidence, not a proof: a mask that is causal at all those lengths but not at some larger one would be
+# misread. Masks written from index comparisons (HF, tril/triu, slices of a tril buffer) have no such
+# thresholds. A dense mask under dynamic shapes gets the run-time fully-masked-row fix-up.
 
 
-def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
-    """Run the ancestor subgraph of `nodes` on the real example inputs."""
+def _size_samples(anc: set[fx.Node]) -> list[dict[Any, int]]:
+    """Assignments {sympy symbol: value} to evaluate a shape-only mask at; [{}] for static shapes."""
+    symbols: dict[Any, int] = {}
+    for n in anc:
+        if n.op == "placeholder" and isinstance(_val(n), torch.SymInt):
+            expr = _val(n).node.expr
+            hint = _val(n).node.hint
+            if hint is None or not getattr(expr, "is_Symbol", False):
+                return []
+            symbols[expr] = int(hint)
+    if not symbols:
+        return [{}]
+    samples = []
+    for i in range(6):
+        sample = {}
+        for j, (sym, hint) in enumerate(symbols.items()):
+            choices = [hint, 2, 3, max(2, hint - 1), max(2, hint // 2), 5]
+            sample[sym] = choices[(i + j) % len(choices)] if i else hint
+        samples.append(sample)
+    return samples
+
+
+def _concrete(shape: Sequence[Any], subs: dict[Any, int]) -> tuple[int, ...]:
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            out.append(int(d.node.expr.xreplace(subs)) if subs else int(d.node.hint))
+        else:
+            out.append(int(d))
+    return tuple(out)
+
+
+def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], subs: dict[Any, int]) -> list[Any]:
+    """Run the ancestor subgraph of `nodes` on the example inputs, sizes replaced by `subs`."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     env: dict[fx.Node, Any] = {}
     for n, x in zip(placeholders, example_inputs):
-        env[n] = x
+        if n not in anc:
+            continue
+        val = _val(n)
+        if isinstance(val, torch.SymInt):
+            env[n] = int(val.node.expr.xreplace(subs)) if subs else int(x)
+        elif subs and isinstance(x, torch.Tensor) and not _compat.is_param_or_buffer(n):
+            env[n] = torch.empty(_concrete(val.shape, subs), dtype=x.dtype, device=x.device)
+        else:
+            env[n] = x
     interp = fx.Interpreter(gm)
     for n in gm.graph.nodes:
         if n not in anc or n.op == "placeholder":
@@ -627,15 +668,27 @@ def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequen
     mask_kind, fixup = "none", None
     if mask_nodes:
         anc, _ = _mask_inputs(mask_nodes)
-        if _constant_inputs_ok(anc, config) and all(isinstance(d, int) for d in qv.shape):
-            vals = _evaluate(mask_nodes, anc, gm, example_inputs)
-            keep, add = _combined_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], tuple(qv.shape))
-            mask_kind = _classify_constant_mask(keep, add)
-            if mask_kind == "dense" and bool((~keep).all(-1).any()):
+        samples = _size_samples(anc) if _constant_inputs_ok(anc, config) else []
+        kinds: set[str] = set()
+        for subs in samples:
+            try:
+                vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
+            except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
+                log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e)
+                kinds = {"dense"}
+                break
+            shape = _concrete(qv.shape, subs)
+            keep, add = _combined_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], shape)
+            kind = _classify_constant_mask(keep, add)
+            kinds.add(kind)
+            if kind == "dense" and subs == {} and bool((~keep).all(-1).any()):
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
+        if len(kinds) == 1:
+            mask_kind = kinds.pop()
+            if mask_kind == "dense" and samples != [{}]:
+                fixup = _runtime_fixup(scores)
         else:
-            mask_kind = "dense"
-            fixup = _runtime_fixup(scores)
+            mask_kind, fixup = "dense", _runtime_fixup(scores)
 
     # GQA: repeated K/V heads
     enable_gqa = False
