@@ -25,15 +25,36 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None):
-    """Inductor's entry point, as torch.compile(backend="inductor") calls it."""
+def _cache_marker(cache_key: str, existing: Any):
+    """A do-nothing joint-graph pass whose uuid() puts our version and options into Inductor's cache key.
+
+    See Note [FX graph cache] in asam_compile/backend.py. A user's own joint_custom_pre_pass still runs.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class AsamCacheMarker(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            if existing is not None:
+                existing(graph)
+
+        def uuid(self) -> Any:
+            inner = existing.uuid() if existing is not None and hasattr(existing, "uuid") else None
+            return ("asam_compile", cache_key, inner)
+
+    return AsamCacheMarker()
+
+
+def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, cache_key: str = ""):
+    """Inductor's entry point, as torch.compile(backend="inductor") calls it, with our cache marker."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
-    config_patches = None
+    config_patches: dict[str, Any] = {}
     if mode and mode != "default":
         from torch._inductor import list_mode_options
 
-        config_patches = list_mode_options(mode)
+        config_patches.update(list_mode_options(mode))
+    config_patches["joint_custom_pre_pass"] = _cache_marker(cache_key, inductor_config.joint_custom_pre_pass)
     return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
@@ -63,6 +84,15 @@ def fake_mode_from(values: Any):
         if isinstance(v, FakeTensor):
             return v.fake_mode
     return None
+
+
+def symbol_hint(shape_env: Any, symbol: Any) -> int | None:
+    """The example value of a size symbol (torch 2.13 renamed var_to_val to backed_var_to_val)."""
+    table = getattr(shape_env, "backed_var_to_val", None)
+    if table is None:
+        table = shape_env.var_to_val
+    val = table.get(symbol)
+    return None if val is None else int(val)
 
 
 def placeholder_source(node: fx.Node) -> str | None:

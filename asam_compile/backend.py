@@ -89,6 +89,9 @@ def run_passes(
                 matches = match.run(current, example_inputs, config, report)
             elif name == "rewrite":
                 rewrite.run(current, matches, config, report)
+                for c in report.candidates:
+                    if c.status == "matched":
+                        c.status = "rewritten"
             current.graph.lint()
             current.recompile()
         except Exception as e:  # noqa: BLE001 - any failure of ours must not break the user's model
@@ -126,7 +129,7 @@ def asam_backend(
         return new_gm.forward
     try:
         with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-            return _compat.compile_fx(new_gm, example_inputs, mode)
+            return _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config))
     except Exception as e:  # noqa: BLE001
         if config.strict or not report.rewritten:
             raise
@@ -137,7 +140,13 @@ def asam_backend(
             "retrying with the original graph.",
         )
         with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-            return _compat.compile_fx(gm, example_inputs, mode)
+            return _compat.compile_fx(gm, example_inputs, mode, _cache_key(config))
+
+
+def _cache_key(config: AsamConfig) -> str:
+    from asam_compile import __version__
+
+    return f"{__version__}:{config.cache_key()}"
 
 
 def _devices(example_inputs: Sequence[Any]) -> list[torch.device]:
@@ -192,3 +201,12 @@ class _Dumper:
 # on torch 2.13), never emit is_causal or enable_gqa, and would fight our rewrite on the candidates we
 # refused on purpose. While our backend hands a graph to Inductor, those patterns are taken out of its
 # pattern pass and put back afterwards; the other joint-graph patterns (pad_mm, misc) still run.
+
+
+# Note [FX graph cache]
+# Inductor caches compiled graphs by a key made of the graph, its inputs and Inductor's config. We change
+# that config only by taking the fuse_attention patterns out (Note [Inductor's attention pass]), which the
+# key does not see: a near miss compiled earlier by plain Inductor (miscompiled by its pattern) would be
+# served to us from the cache. A do-nothing joint_custom_pre_pass whose uuid() holds our version and
+# options puts both into the key, so asam's entries are apart from plain Inductor's and from each other,
+# and stay cacheable (a custom pass without a uuid() would bypass the cache).

@@ -38,7 +38,7 @@ class Candidate:
     site: str  # the softmax node's name in the graph
     module: str  # module path from nn_module_stack, e.g. "model.layers.0.self_attn"
     source: str  # the user's source line, from stack_trace
-    status: str  # "rewritten" or "refused"
+    status: str  # "rewritten", "refused", or "matched" (found, but the rewrite pass did not run)
     target: str | None = None  # "sdpa" when rewritten
     reject: Reject | None = None
     detail: str = ""  # free text: which node, which value
@@ -117,8 +117,8 @@ class Report:
         rows = []
         for g in self.graphs:
             for c in g.candidates:
-                if c.status == "rewritten":
-                    what = c.target + "(" + ", ".join(f"{k}={v}" for k, v in c.info.items()) + ")"
+                if c.status in ("rewritten", "matched"):
+                    what = ("" if c.status == "rewritten" else "matched, not rewritten: ") + c.target + "(" + ", ".join(f"{k}={v}" for k, v in c.info.items()) + ")"
                 else:
                     what = "refused: " + (c.reason or "")
                 rows.append([g.graph_id, c.site, c.module or "-", c.source or "-", what])

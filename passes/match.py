@@ -14,6 +14,7 @@ import math
 import operator
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -156,7 +157,7 @@ def _match_probs(softmax: fx.Node) -> tuple[fx.Node, float, list[fx.Node], fx.No
             p = user.kwargs.get("p", user.args[1] if len(user.args) > 1 else 0.5)
             training = user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
             inplace = user.kwargs.get("inplace", user.args[3] if len(user.args) > 3 else False)
-            if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace:
+            if not isinstance(training, bool) or inplace or (training and not isinstance(p, (int, float))):
                 raise Rejection(Reject.PROBS_CHANGED, f"dropout with non-constant arguments: {user.name}")
             if training:
                 dropout_p = float(p)
@@ -222,6 +223,30 @@ def _reaches_qk(node: fx.Node, depth: int = 12) -> bool:
     return False
 
 
+def _no_qk(node: fx.Node) -> Rejection:
+    """The rejection for a scores op whose operands do not lead to the QK matmul through known ops."""
+    for a in node.args:
+        if isinstance(a, fx.Node) and _is_tensor(a) and _depends_on_matmul(a):
+            name = a.target if isinstance(a.target, str) else getattr(a.target, "__name__", str(a.target))
+            return Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{a.name} ({name})")
+    return Rejection(Reject.NO_QK_MATMUL, node.name)
+
+
+def _depends_on_matmul(node: fx.Node, depth: int = 8) -> bool:
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if _call(n, torch.matmul) or _call(n, torch.einsum):
+                return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
 def _match_scores(x: fx.Node) -> _Scores:
     """Parse the softmax input down to the QK matmul. Every node on the way must have one user."""
     chain: list[tuple[str, Any]] = []  # outermost first
@@ -243,7 +268,7 @@ def _match_scores(x: fx.Node) -> _Scores:
             else:
                 side = _scores_side(a, b)
             if side is None:
-                raise Rejection(Reject.NO_QK_MATMUL, cur.name)
+                raise _no_qk(cur)
             s, other = side
             if not _is_scalar(other):
                 raise Rejection(Reject.SCALE_NOT_SCALAR, f"{cur.name} multiplies by a tensor")
@@ -254,7 +279,7 @@ def _match_scores(x: fx.Node) -> _Scores:
             a, b = cur.args
             side = _scores_side(a, b)
             if side is None:
-                raise Rejection(Reject.NO_QK_MATMUL, cur.name)
+                raise _no_qk(cur)
             s, other = side
             if _call(cur, torch.sub) and s is b:
                 raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name} negates the scores")
@@ -534,12 +559,16 @@ def _size_samples(anc: set[fx.Node]) -> list[dict[Any, int]]:
     """Assignments {sympy symbol: value} to evaluate a shape-only mask at; [{}] for static shapes."""
     symbols: dict[Any, int] = {}
     for n in anc:
-        if n.op == "placeholder" and isinstance(_val(n), torch.SymInt):
-            expr = _val(n).node.expr
-            hint = _val(n).node.hint
-            if hint is None or not getattr(expr, "is_Symbol", False):
-                return []
-            symbols[expr] = int(hint)
+        val = _val(n) if n.op == "placeholder" else None
+        sizes = [val] if isinstance(val, torch.SymInt) else list(val.shape) if isinstance(val, torch.Tensor) else []
+        for d in sizes:
+            if not isinstance(d, torch.SymInt):
+                continue
+            for sym in d.node.expr.free_symbols:
+                hint = _compat.symbol_hint(d.node.shape_env, sym)
+                if hint is None:
+                    return []
+                symbols[sym] = int(hint)
     if not symbols:
         return [{}]
     samples = []
@@ -556,7 +585,10 @@ def _concrete(shape: Sequence[Any], subs: dict[Any, int]) -> tuple[int, ...]:
     out = []
     for d in shape:
         if isinstance(d, torch.SymInt):
-            out.append(int(d.node.expr.xreplace(subs)) if subs else int(d.node.hint))
+            expr = sympy.sympify(d.node.expr.xreplace(subs))
+            if expr.free_symbols:  # symbols the mask does not depend on keep their example value
+                expr = expr.xreplace({s: _compat.symbol_hint(d.node.shape_env, s) for s in expr.free_symbols})
+            out.append(int(expr))
         else:
             out.append(int(d))
     return tuple(out)
@@ -571,7 +603,7 @@ def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, examp
             continue
         val = _val(n)
         if isinstance(val, torch.SymInt):
-            env[n] = int(val.node.expr.xreplace(subs)) if subs else int(x)
+            env[n] = _concrete([val], subs)[0] if subs else int(x)
         elif subs and isinstance(x, torch.Tensor) and not _compat.is_param_or_buffer(n):
             env[n] = torch.empty(_concrete(val.shape, subs), dtype=x.dtype, device=x.device)
         else:
@@ -674,7 +706,7 @@ def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequen
             try:
                 vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
             except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
-                log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e)
+                log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
                 kinds = {"dense"}
                 break
             shape = _concrete(qv.shape, subs)
@@ -731,7 +763,8 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             cand.reject, cand.detail = r.reject, r.detail
             log.debug("refused %s (%s): %s", node.name, cand.module, cand.reason)
         else:
-            cand.status, cand.target = "rewritten", "sdpa"
+            # "matched" until the rewrite pass has run (a dry run with disable_passes=("rewrite",) stays so)
+            cand.status, cand.target = "matched", "sdpa"
             cand.info = {
                 "mask": m.mask_kind,
                 "is_causal": m.mask_kind == "causal",
