@@ -722,6 +722,13 @@ def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequen
         else:
             mask_kind, fixup = "dense", _runtime_fixup(scores)
 
+    # shapes after our layout glue: batch dims must agree (SDPA does not broadcast them like matmul does)
+    qs, ks, vs = (_shape_after(o) for o in (q, k, v))
+    if qs is None or ks is None or vs is None:
+        raise Rejection(Reject.SHAPE_MISMATCH, "operand shapes unknown")
+    if not (qs[:-2] == ks[:-2] == vs[:-2] and qs[-1] == ks[-1] and ks[-2] == vs[-2]):
+        raise Rejection(Reject.SHAPE_MISMATCH, f"q {tuple(qs)}, k {tuple(ks)}, v {tuple(vs)}")
+
     # GQA: repeated K/V heads
     enable_gqa = False
     v_full = v
@@ -744,6 +751,16 @@ def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequen
     )
 
 
+def _shape_after(op: Operand) -> tuple[Any, ...] | None:
+    """The shape of an operand after its view steps, computed on the fake example value."""
+    val = _val(op.node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    for target, args in op.steps:
+        val = target(val, *args)
+    return tuple(val.shape)
+
+
 def _runtime_fixup(scores: _Scores) -> str | None:
     if scores.fills:
         return "nan" if any(fl.value == float("-inf") for fl in scores.fills) else "mean"
@@ -754,9 +771,14 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
     """Match every softmax; record a Candidate for each; return the matches."""
     matches = []
     for node in gm.graph.nodes:
-        if not (_call(node, torch.softmax) or _call(node, torch.log_softmax)):
+        implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
+        if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
             continue
         cand = Candidate(site=node.name, module=module_path(node), source=source_line(node), status="refused")
+        if implicit:  # normalize leaves these alone: the legacy dim depends on the rank
+            cand.reject = Reject.SOFTMAX_IMPLICIT_DIM
+            report.candidates.append(cand)
+            continue
         try:
             m = match_attention(node, gm, example_inputs, config)
         except Rejection as r:
