@@ -618,37 +618,59 @@ def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, examp
     return [env[n] for n in nodes]
 
 
-def _combined_mask(scores: _Scores, term_vals: list[torch.Tensor], fill_vals: list[torch.Tensor], shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, additive) as dense float64/bool tensors broadcast to the scores shape."""
-    add = torch.zeros(shape, dtype=torch.float64)
-    for t, v in zip(scores.terms, term_vals):
-        v = v.to("cpu", torch.float64) * t.factor
-        add = add + (-v if t.negate else v)
-    keep = torch.ones(shape, dtype=torch.bool)
-    for fl, m in zip(scores.fills, fill_vals):
-        m = m.to("cpu").bool()
-        keep = keep & (m if fl.mask_is_keep else ~m)
-    keep = keep & (add > LARGE_NEGATIVE)
-    return keep, add
+def _classify_mask(
+    scores: _Scores, term_vals: list[torch.Tensor], fill_vals: list[torch.Tensor], shape: Sequence[int],
+    chunk_elems: int = 1 << 24,
+) -> tuple[str, bool]:
+    """("none" | "causal" | "dense", whether some query row has every key masked) of a known mask.
 
+    Works on the mask's own device in row chunks of about `chunk_elems` elements, so that a long sequence
+    costs no float64 copy of an L x S mask (an 8k HF mask is evaluated once per graph, see run()).
+    """
+    tensors = [t for t in term_vals + fill_vals if isinstance(t, torch.Tensor)]
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    L, S = shape[-2], shape[-1]
+    lead = math.prod(shape[:-2])
+    rows = max(1, chunk_elems // max(1, S * lead))
 
-def _classify_constant_mask(keep: torch.Tensor, add: torch.Tensor) -> str:
-    """"none", "causal" or "dense" for a mask known at compile time."""
-    if not torch.all(add[keep] == 0):
-        return "dense"
-    L, S = keep.shape[-2:]
-    if bool(keep.all()):
-        return "none"
-    causal = torch.ones(L, S, dtype=torch.bool).tril()
-    if torch.equal(keep, causal.expand_as(keep)):
-        return "causal"
-    return "dense"
+    def rows_of(t: Any, i: int, j: int) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] == L:
+            return t[..., i:j, :]
+        return t
+
+    all_keep, causal, zero_on_keep, fully_masked = True, True, True, False
+    for i in range(0, L, rows):
+        j = min(L, i + rows)
+        chunk = (*shape[:-2], j - i, S)
+        add = torch.zeros(chunk, dtype=torch.float32, device=dev)
+        for t, v in zip(scores.terms, term_vals):
+            v = rows_of(v, i, j).to(dev, torch.float32) * t.factor
+            add = add - v if t.negate else add + v
+        keep = add > LARGE_NEGATIVE
+        for fl, m in zip(scores.fills, fill_vals):
+            m = rows_of(m, i, j).to(dev).bool()
+            keep = keep & (m if fl.mask_is_keep else ~m)
+        zero_on_keep = zero_on_keep and bool(torch.where(keep, add, 0.0).eq(0).all())
+        all_keep = all_keep and bool(keep.all())
+        fully_masked = fully_masked or bool((~keep).all(-1).any())
+        if causal:
+            q = torch.arange(i, j, device=dev)[:, None]
+            kv = torch.arange(S, device=dev)[None, :]
+            causal = torch.equal(keep, (kv <= q).expand_as(keep))
+    if not zero_on_keep:
+        return "dense", fully_masked
+    if all_keep:
+        return "none", False
+    return ("causal" if causal else "dense"), fully_masked
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any) -> AttentionMatch:
+def match_attention(
+    softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any,
+    mask_cache: dict[Any, tuple[str, bool]] | None = None,
+) -> AttentionMatch:
     """Grow a candidate outward from one softmax node. Never mutates the graph. Raises Rejection."""
     if softmax.target is torch.log_softmax:
         raise Rejection(Reject.LOG_SOFTMAX)
@@ -703,17 +725,23 @@ def match_attention(softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequen
         samples = _size_samples(anc) if _constant_inputs_ok(anc, config) else []
         kinds: set[str] = set()
         for subs in samples:
-            try:
-                vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
-            except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
-                log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
-                kinds = {"dense"}
-                break
-            shape = _concrete(qv.shape, subs)
-            keep, add = _combined_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], shape)
-            kind = _classify_constant_mask(keep, add)
+            key = (tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
+                   tuple((fl.value, fl.mask_is_keep) for fl in scores.fills), tuple(sorted(map(str, subs.items()))))
+            if mask_cache is not None and key in mask_cache:
+                kind, fully = mask_cache[key]
+            else:
+                try:
+                    vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
+                    kind, fully = _classify_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs))
+                    del vals
+                except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
+                    log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
+                    kinds = {"dense"}
+                    break
+                if mask_cache is not None:
+                    mask_cache[key] = (kind, fully)
             kinds.add(kind)
-            if kind == "dense" and subs == {} and bool((~keep).all(-1).any()):
+            if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
         if len(kinds) == 1:
             mask_kind = kinds.pop()
@@ -770,6 +798,7 @@ def _runtime_fixup(scores: _Scores) -> str | None:
 def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: GraphReport) -> list[AttentionMatch]:
     """Match every softmax; record a Candidate for each; return the matches."""
     matches = []
+    mask_cache: dict[Any, tuple[str, bool]] = {}  # layers share one mask node: evaluate it once per graph
     for node in gm.graph.nodes:
         implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
         if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
@@ -780,7 +809,7 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             report.candidates.append(cand)
             continue
         try:
-            m = match_attention(node, gm, example_inputs, config)
+            m = match_attention(node, gm, example_inputs, config, mask_cache)
         except Rejection as r:
             cand.reject, cand.detail = r.reject, r.detail
             log.debug("refused %s (%s): %s", node.name, cand.module, cand.reason)

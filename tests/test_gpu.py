@@ -1,0 +1,75 @@
+"""GPU tests: zoo cases in half precision on CUDA, judged against a float64 run of the original."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import asam_compile
+from helpers import assert_no_worse, candidate_summary, double_copy, max_abs_err, to_double
+from zoo import ZOO_BY_NAME
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+GPU_CASES = [
+    "matmul_transpose",
+    "einsum_blhd",
+    "additive_padding_b11s",
+    "nanogpt_causal_buffer",
+    "hf_index_causal",
+    "repeat_kv_causal",
+    "softmax_fp32_then_to",
+    "hf_llama_gqa",
+    "hf_bert_padding",
+    "near_softmax_dim_minus2",
+]
+
+
+def _to(x, device, dtype=None):
+    if isinstance(x, torch.Tensor):
+        x = x.to(device)
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device, dtype) for v in x)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_half_precision(name, dtype):
+    case = ZOO_BY_NAME[name]
+    model = case.make_model().eval().cuda()
+    inputs = _to(case.make_inputs(), "cuda")
+    with torch.no_grad():
+        ref = double_copy(model)(*to_double(inputs))
+        model_lp, inputs_lp = copy.deepcopy(model).to(dtype), _to(inputs, "cuda", dtype)
+        eager = model_lp(*inputs_lp)
+        compiled = torch.compile(model_lp, backend="asam", options={"strict": True}, fullgraph=True)
+        with asam_compile.capture() as cap:
+            out = compiled(*inputs_lp)
+    expected = case.n_sites if case.expect == "sdpa" else 0
+    assert cap.n_rewritten == expected, candidate_summary(cap.report.candidates)
+    assert out.dtype == eager.dtype == dtype
+    err, err_eager = max_abs_err(out, ref), max_abs_err(eager, ref)
+    assert_no_worse(err, err_eager, f"{name} {dtype}", slack=1e-3)
+
+
+@pytest.mark.parametrize("name", ["nanogpt_causal_buffer", "repeat_kv_causal", "hf_llama_gqa"])
+def test_gpu_backward_bf16(name):
+    from helpers import input_grads
+
+    case = ZOO_BY_NAME[name]
+    model = case.make_model().eval().cuda()
+    inputs = _to(case.make_inputs(), "cuda")
+    argnums = [i for i, x in enumerate(inputs) if x.is_floating_point()]
+    ref, w = input_grads(double_copy(model), to_double(inputs), argnums)
+    model_lp, inputs_lp = copy.deepcopy(model).to(torch.bfloat16), _to(inputs, "cuda", torch.bfloat16)
+    eager, _ = input_grads(model_lp, inputs_lp, argnums, w)
+    compiled = torch.compile(model_lp, backend="asam", options={"strict": True}, fullgraph=True)
+    with asam_compile.capture() as cap:
+        grads, _ = input_grads(compiled, inputs_lp, argnums, w)
+    assert cap.n_rewritten == case.n_sites
+    for i, g, ge, gr in zip(argnums, grads, eager, ref):
+        assert_no_worse(max_abs_err(g, gr), max_abs_err(ge, gr), f"{name}: grad of input {i}", slack=1e-2)
