@@ -33,6 +33,11 @@ class AsamConfig:
     # Keep Inductor's own attention pattern pass (fuse_attention) off our graphs: it miscompiles
     # softmax over a non-last dimension (pytorch issue 196468) and we rewrite attention ourselves.
     disable_inductor_sfdp: bool = True
+    # Structured masks (sliding window, chunks, prefix...) known at compile time: "auto" picks Flex or SDPA
+    # by the cost model in asam_compile/cost.py, "always" takes Flex wherever it can run, "never" keeps SDPA.
+    flex: str = "auto"
+    # Block size of the Flex block masks we build (FlexAttention's default).
+    block_size: int = 128
     # Hand the rewritten graph to Inductor; False returns it as eager Python (for explain and debugging).
     inductor: bool = True
 
@@ -74,6 +79,12 @@ def _validate(key: str, value: Any) -> None:
     elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor"):
         if not isinstance(value, bool):
             raise _bad(key, value, "True or False")
+    elif key == "flex":
+        if value not in ("auto", "always", "never"):
+            raise _bad(key, value, "one of ['auto', 'always', 'never']")
+    elif key == "block_size":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
+            raise _bad(key, value, "a power of two >= 16")
     elif key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise _bad(key, value, "a folder path (str) or None")

@@ -80,6 +80,21 @@ class AttentionMatch:
     rank: int  # ndim of the original q/k/v (2, 3 or 4)
     out_perm: tuple[int, ...] | None  # permutation of the SDPA output to the original layout
     region: list[fx.Node]  # nodes of the pattern that may become dead
+    flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
+
+
+@dataclasses.dataclass
+class FlexPlan:
+    """A structured mask known at compile time, lifted into a mask_mod and a BlockMask."""
+
+    kernel: str  # "flex" or "sdpa": what the cost model chose
+    reason: str
+    name: str  # readable mask name, e.g. sliding_window_1024
+    key: str  # key of the mask_mod in asam_compile.runtime.MASK_MODS
+    density: float
+    block_size: int
+    seq_lengths: tuple[int, int]
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # kv_num_blocks, kv_indices, full_*
 
 
 class Rejection(Exception):
@@ -621,8 +636,10 @@ def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, examp
 def _classify_mask(
     scores: _Scores, term_vals: list[torch.Tensor], fill_vals: list[torch.Tensor], shape: Sequence[int],
     chunk_elems: int = 1 << 24,
-) -> tuple[str, bool]:
-    """("none" | "causal" | "dense", whether some query row has every key masked) of a known mask.
+) -> tuple[str, bool, bool]:
+    """(kind, fully, exclusion_only) of a known mask: kind is "none" | "causal" | "dense"; fully says
+    whether some query row has every key masked; exclusion_only whether the mask only removes keys
+    (additive values are 0 on every kept position), so that a boolean keep-mask says all of it.
 
     Works on the mask's own device in row chunks of about `chunk_elems` elements, so that a long sequence
     costs no float64 copy of an L x S mask (an 8k HF mask is evaluated once per graph, see run()).
@@ -658,10 +675,10 @@ def _classify_mask(
             kv = torch.arange(S, device=dev)[None, :]
             causal = torch.equal(keep, (kv <= q).expand_as(keep))
     if not zero_on_keep:
-        return "dense", fully_masked
+        return "dense", fully_masked, False
     if all_keep:
-        return "none", False
-    return ("causal" if causal else "dense"), fully_masked
+        return "none", False, True
+    return ("causal" if causal else "dense"), fully_masked, True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -669,7 +686,7 @@ def _classify_mask(
 
 def match_attention(
     softmax: fx.Node, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any,
-    mask_cache: dict[Any, tuple[str, bool]] | None = None,
+    mask_cache: dict[Any, Any] | None = None,
 ) -> AttentionMatch:
     """Grow a candidate outward from one softmax node. Never mutates the graph. Raises Rejection."""
     if softmax.target is torch.log_softmax:
@@ -719,7 +736,7 @@ def match_attention(
             raise Rejection(Reject.MASK_NOT_BROADCASTABLE, m.name)
         if tuple(shape) != tuple(qv.shape):
             raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{m.name} {tuple(mv.shape)} vs scores {tuple(qv.shape)}")
-    mask_kind, fixup = "none", None
+    mask_kind, fixup, flex_plan = "none", None, None
     if mask_nodes:
         anc, _ = _mask_inputs(mask_nodes)
         samples = _size_samples(anc) if _constant_inputs_ok(anc, config) else []
@@ -728,19 +745,28 @@ def match_attention(
             key = (tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
                    tuple((fl.value, fl.mask_is_keep) for fl in scores.fills), tuple(sorted(map(str, subs.items()))))
             if mask_cache is not None and key in mask_cache:
-                kind, fully = mask_cache[key]
+                kind, fully, exclusion_only = mask_cache[key]
             else:
                 try:
                     vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
-                    kind, fully = _classify_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs))
+                    kind, fully, exclusion_only = _classify_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs))
                     del vals
                 except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
                     log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
                     kinds = {"dense"}
                     break
                 if mask_cache is not None:
-                    mask_cache[key] = (kind, fully)
+                    mask_cache[key] = (kind, fully, exclusion_only)
             kinds.add(kind)
+            if kind == "dense" and samples == [{}] and exclusion_only and not fully:
+                try:
+                    flex_plan = _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache)
+                except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
+                    if config.strict:
+                        raise
+                    log.warning("asam_compile: Flex planning failed for %s (%s: %s); kept a dense mask",
+                                softmax.name, type(e).__name__, e)
+                    flex_plan = f"Flex planning failed: {type(e).__name__}: {e}"
             if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
         if len(kinds) == 1:
@@ -749,6 +775,9 @@ def match_attention(
                 fixup = _runtime_fixup(scores)
         else:
             mask_kind, fixup = "dense", _runtime_fixup(scores)
+
+    if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
+        mask_kind, fixup = "flex", None
 
     # shapes after our layout glue: batch dims must agree (SDPA does not broadcast them like matmul does)
     qs, ks, vs = (_shape_after(o) for o in (q, k, v))
@@ -760,7 +789,7 @@ def match_attention(
     # GQA: repeated K/V heads
     enable_gqa = False
     v_full = v
-    if config.use_gqa and mask_kind in ("none", "causal") and rank == 4 and not k.steps and not v.steps:
+    if config.use_gqa and mask_kind in ("none", "causal", "flex") and rank == 4 and not k.steps and not v.steps:
         rk, rv = _repeat_source(k.node), _repeat_source(v.node)
         if rk and rv and rk[1] == rv[1] and rk[1] > 1 and _val(rk[0]).shape[1] == _val(rv[0]).shape[1]:
             k, v, enable_gqa = Operand(rk[0]), Operand(rv[0]), True
@@ -775,8 +804,77 @@ def match_attention(
         softmax=softmax, out=out, q=q, k=k, v=v, v_full=v_full, scale=scale, sym_factors=sym,
         terms=scores.terms, fills=scores.fills, mask_kind=mask_kind, fixup=fixup, dropout_p=dropout_p,
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
-        out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region],
+        out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
     )
+
+
+def _plan_flex(
+    softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
+    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any],
+) -> FlexPlan | str:
+    """Lift a compile-time mask into a mask_mod, build its BlockMask and ask the cost model. Returns the
+    plan, or the reason (a string) why the site keeps a dense mask."""
+    from asam_compile import cost, runtime
+    from asam_compile.block_mask import build_block_mask
+    from asam_compile.passes.lift import NotLiftable, lift, name_mask
+
+    if config.flex == "never":
+        return "flex='never'"
+    if qv.dim() != 4 and qv.dim() != 3:
+        return "Flex needs 3-D or 4-D attention"
+    key = ("flex", tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
+           tuple((fl.value, fl.mask_is_keep) for fl in scores.fills))
+    if key not in cache:
+        try:
+            lifted = lift(mask_nodes, gm, example_inputs)
+        except NotLiftable as e:
+            cache[key] = f"mask not liftable: {e}"
+        else:
+            cache[key] = _lifted_keep(scores, lifted)
+    keep = cache[key]
+    if isinstance(keep, str):
+        return keep
+    keep_fn, axes = keep
+    shape = tuple(int(d) for d in qv.shape)
+    B, H = (shape[0] if qv.dim() == 4 else 1), shape[-3]
+    L, S, E = shape[-2], shape[-1], int(sv.shape[-1])
+    Bm, Hm = (B if "b" in axes else 1), (H if "h" in axes else 1)
+    if qv.dim() == 3:
+        Bm, Hm = 1, (H if ("b" in axes or "h" in axes) else 1)
+    device = sv.device
+    name = name_mask(keep_fn, L, S)
+    mask_key = f"{name}_{abs(hash((id(gm), key))) % 10**8}"
+    keep_fn.__name__ = name
+    block_mask, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.block_size, key=(mask_key, Bm, Hm, L, S, str(device)))
+    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
+                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
+    runtime.register_mask_mod(mask_key, keep_fn)
+    tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors)
+
+
+def _lifted_keep(scores: _Scores, lifted: list[Any]) -> tuple[Any, frozenset[str]]:
+    """keep(b, h, q, kv): the positions the original mask leaves in, from the lifted terms and fills."""
+    terms = list(zip(scores.terms, lifted[: len(scores.terms)]))
+    fills = list(zip(scores.fills, lifted[len(scores.terms):]))
+    axes = frozenset().union(*(lf.axes for lf in lifted)) if lifted else frozenset()
+
+    def keep_fn(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        keep = None
+        if terms:
+            add = None
+            for t, lf in terms:
+                v = lf.fn(b, h, q, kv).to(torch.float32) * t.factor
+                v = -v if t.negate else v
+                add = v if add is None else add + v
+            keep = add > LARGE_NEGATIVE
+        for fl, lf in fills:
+            m = lf.fn(b, h, q, kv).bool()
+            m = m if fl.mask_is_keep else ~m
+            keep = m if keep is None else keep & m
+        return keep
+
+    return keep_fn, axes
 
 
 def _shape_after(op: Operand) -> tuple[Any, ...] | None:
@@ -798,7 +896,7 @@ def _runtime_fixup(scores: _Scores) -> str | None:
 def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: GraphReport) -> list[AttentionMatch]:
     """Match every softmax; record a Candidate for each; return the matches."""
     matches = []
-    mask_cache: dict[Any, tuple[str, bool]] = {}  # layers share one mask node: evaluate it once per graph
+    mask_cache: dict[Any, Any] = {}  # layers share one mask node: evaluate it once per graph
     for node in gm.graph.nodes:
         implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
         if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
@@ -815,14 +913,19 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             log.debug("refused %s (%s): %s", node.name, cand.module, cand.reason)
         else:
             # "matched" until the rewrite pass has run (a dry run with disable_passes=("rewrite",) stays so)
-            cand.status, cand.target = "matched", "sdpa"
+            cand.status, cand.target = "matched", ("flex" if m.mask_kind == "flex" else "sdpa")
             cand.info = {
-                "mask": m.mask_kind,
+                "mask": m.mask_kind if m.mask_kind != "flex" else f"flex:{m.flex_plan.name}",
                 "is_causal": m.mask_kind == "causal",
                 "enable_gqa": m.enable_gqa,
                 "dropout_p": m.dropout_p,
                 "scale": round(m.scale, 6) if not m.sym_factors else "symbolic",
             }
+            if isinstance(m.flex_plan, FlexPlan):
+                cand.info["density"] = round(m.flex_plan.density, 3)
+                cand.info["kernel"] = f"{m.flex_plan.kernel}: {m.flex_plan.reason}"
+            elif isinstance(m.flex_plan, str):
+                cand.info["kernel"] = f"sdpa: {m.flex_plan}"
             matches.append(m)
             log.debug("matched %s (%s): %s", node.name, cand.module, cand.info)
         report.candidates.append(cand)

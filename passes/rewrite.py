@@ -41,7 +41,14 @@ class _Emitter:
         fargs = fx.node.map_arg(args, _compat.example_value)
         fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
         with _compat.fake_mode_from((fargs, fkwargs)) or _null():
-            if op == "call_method":
+            if getattr(target, "__name__", "") == "flex_attention_call":
+                # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
+                q, k, v = fargs[:3]
+                if fkwargs.get("enable_gqa"):
+                    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+                    v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+                val = F.scaled_dot_product_attention(q, k, v, scale=fkwargs["scale"])
+            elif op == "call_method":
                 val = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
             else:
                 val = target(*fargs, **fkwargs)
@@ -98,6 +105,27 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     return keep, rows
 
 
+def _emit_flex(gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node:
+    """flex_attention_call(q, k, v, <block-mask tensors as graph constants>, mask_key=..., ...)."""
+    from asam_compile import runtime
+
+    plan = m.flex_plan
+    consts = []
+    for field, tensor in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), plan.tensors):
+        name = f"_asam_{plan.key}_{field}"
+        if not hasattr(gm, name):
+            gm.register_buffer(name, tensor)
+        with gm.graph.inserting_before(m.out):
+            node = gm.graph.get_attr(name)
+        mode = _compat.fake_mode_from([_compat.example_value(q)])
+        node.meta["example_value"] = mode.from_tensor(tensor) if mode is not None else tensor
+        consts.append(node)
+    return emit(
+        runtime.flex_attention_call, q, k, v, *consts, mask_key=plan.key, block_size=plan.block_size,
+        seq_lengths=plan.seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
+    )
+
+
 def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
     """Insert the SDPA call (and its layout/dtype glue) before the value matmul; return the new output."""
     emit = _Emitter(gm, m.out, m.softmax)
@@ -118,7 +146,10 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
     }
     if m.enable_gqa:
         kwargs["enable_gqa"] = True
-    out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    if m.mask_kind == "flex":
+        out = _emit_flex(gm, emit, m, q, k, v)
+    else:
+        out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
     if rows is not None:
         # Note [Fully masked rows] in passes/match.py
         if m.fixup == "mean":
@@ -139,6 +170,8 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
 def _is_pure(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method") or node.is_impure():
         return False
+    if node.op == "call_function" and getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        return True  # operator.and_/or_ are not in-place
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return not name.endswith("_")  # in-place ops are kept even when their result is unused
 

@@ -1,0 +1,42 @@
+"""Which exact kernel an attention site with a structured mask should run: SDPA with a dense mask or Flex."""
+
+from __future__ import annotations
+
+# Calibration (H100 80GB, torch 2.11, bf16, B=1, H=16, D=128; shared/FIELD_NOTES.md, 2026-11-26):
+# SDPA flash runs causal attention at 455-634 TFLOP/s from 4k to 64k tokens; Flex causal at 0.63-0.72x
+# of that; at 1k tokens Flex takes ~0.1 ms more than SDPA (launch and block-mask overheads). A mask that is
+# neither causal nor absent sends SDPA to its memory-efficient kernel with a materialised L x S mask, taken
+# here at half the flash rate plus reading the mask once (2 bytes an element at 3 TB/s).
+FLASH_FLOPS = 600e12
+FLEX_SPEED = 0.67  # Flex's rate relative to SDPA flash on the blocks it computes
+MASKED_SDPA_SPEED = 0.5  # SDPA with a dense mask, relative to flash (not yet measured: a conservative guess)
+FLEX_OVERHEAD_S = 1.0e-4
+HBM_BYTES_PER_S = 3.0e12
+# CPU: compiled Flex runs inference only (no backward), and has not been timed against SDPA here; take it
+# only where it skips at least three quarters of the blocks of a long sequence.
+CPU_MAX_DENSITY = 0.25
+CPU_MIN_ELEMENTS = 4096 * 4096
+
+
+def choose_kernel(
+    *, B: int, H: int, L: int, S: int, E: int, density: float, device_type: str, requires_grad: bool, policy: str
+) -> tuple[str, str]:
+    """("flex" | "sdpa", reason) for one site. `policy` is the `flex` option: "auto", "always" or "never"."""
+    if policy == "never":
+        return "sdpa", "flex='never'"
+    if device_type == "cpu" and requires_grad:
+        return "sdpa", "compiled Flex has no backward on CPU"
+    if device_type == "cuda" and E < 16:
+        return "sdpa", f"Flex needs head dim >= 16 on CUDA (got {E})"
+    if policy == "always":
+        return "flex", f"flex='always' (block density {density:.2f})"
+    work = 4.0 * B * H * L * S * E
+    if device_type == "cuda":
+        t_sdpa = work / (FLASH_FLOPS * MASKED_SDPA_SPEED) + 2.0 * B * L * S / HBM_BYTES_PER_S
+        t_flex = FLEX_OVERHEAD_S + density * work / (FLASH_FLOPS * FLEX_SPEED)
+        if t_flex < t_sdpa:
+            return "flex", f"block density {density:.2f}: est. Flex {t_flex * 1e3:.3f} ms < SDPA+mask {t_sdpa * 1e3:.3f} ms"
+        return "sdpa", f"block density {density:.2f}: est. SDPA+mask {t_sdpa * 1e3:.3f} ms <= Flex {t_flex * 1e3:.3f} ms"
+    if density <= CPU_MAX_DENSITY and L * S >= CPU_MIN_ELEMENTS:
+        return "flex", f"block density {density:.2f} on CPU"
+    return "sdpa", f"block density {density:.2f} at {L}x{S} on {device_type}: dense SDPA"

@@ -1,0 +1,52 @@
+"""Runtime ops that rewritten graphs call: FlexAttention with a block mask built at compile time."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# mask_mod functions of the block masks our graphs use, by key. Graph nodes carry the key (a string), so the
+# graph stays printable and its code readable; the function is looked up when Inductor traces the call.
+MASK_MODS: dict[str, Callable[..., Any]] = {}
+
+
+def register_mask_mod(key: str, mask_mod: Callable[..., Any]) -> str:
+    MASK_MODS[key] = mask_mod
+    return key
+
+
+def flex_attention_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor,
+    full_kv_indices: torch.Tensor,
+    *,
+    mask_key: str,
+    block_size: int,
+    seq_lengths: tuple[int, int],
+    scale: float,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """flex_attention(q, k, v) with the BlockMask rebuilt from its kv-block tensors and registered mask_mod.
+
+    Inductor traces this function (AOTAutograd's make_fx records the flex_attention higher-order op) and
+    generates the fused block-sparse kernel, as it would for a user's own compiled flex_attention call.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),
+    )
+    with warnings.catch_warnings():
+        # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
