@@ -137,14 +137,46 @@ def inductor_sfdp_disabled(enabled: bool = True, devices: Sequence[Any] = ()) ->
     joint_graph.lazy_init()
     for device in devices:
         joint_graph.lazy_init(device)
-    removed = _sfdp_entries(joint_graph.patterns)
-    for key, entry in removed:
-        joint_graph.patterns.patterns[key].remove(entry)
+    removed = []
+    for pass_ in _pattern_passes():
+        for key, entry in _sfdp_entries(pass_):
+            pass_.patterns[key].remove(entry)
+            removed.append((pass_, key, entry))
     try:
         yield len(removed)
     finally:
-        for key, entry in removed:
-            joint_graph.patterns.patterns[key].append(entry)
+        for pass_, key, entry in removed:
+            pass_.patterns[key].append(entry)
+
+
+def _pattern_passes() -> list[Any]:
+    """Every PatternMatcherPass of Inductor's joint-graph and post-grad passes (where sfdp may live)."""
+    from torch._inductor.fx_passes import joint_graph, post_grad
+    from torch._inductor.pattern_matcher import PatternMatcherPass
+
+    found: list[Any] = []
+    for module in (joint_graph, post_grad):
+        for value in vars(module).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, PatternMatcherPass) and all(item is not f for f in found):
+                    found.append(item)
+    return found
+
+
+@contextlib.contextmanager
+def inductor_pattern_matcher_off() -> Iterator[None]:
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(pattern_matcher=False):
+        yield
+
+
+def fuse_attention_count() -> int:
+    """How many times Inductor's own attention patterns have fired in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fuse_attention"])
 
 
 def inductor_counters() -> Any:

@@ -128,8 +128,19 @@ def asam_backend(
     if not config.inductor:
         return new_gm.forward
     try:
+        before = _compat.fuse_attention_count()
         with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-            return _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config))
+            compiled = _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config))
+        if config.disable_inductor_sfdp and _compat.fuse_attention_count() > before:
+            # Note [Inductor's attention pass]: the patterns were not all found; never keep their result.
+            _warn_once(
+                "sfdp-leak",
+                "asam_compile: Inductor's own attention pass fired on a graph despite being disabled; "
+                "recompiling with Inductor's pattern matcher off (slower code, right numbers).",
+            )
+            with _compat.inductor_pattern_matcher_off():
+                compiled = _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config) + ":nopm")
+        return compiled
     except Exception as e:  # noqa: BLE001
         if config.strict or not report.rewritten:
             raise

@@ -94,7 +94,7 @@ def _captured(t: Tensor) -> _Value:
     return _Value(tuple(t.shape), t.dtype, frozenset(dims), captured)
 
 
-def _reindex(src: _Value, shape: Sequence[int], dtype: torch.dtype | None, routes: list[tuple[int | None, int, int]]) -> _Value:
+def _reindex(src: _Value, shape: Sequence[int], routes: list[tuple[int | None, int, int]]) -> _Value:
     """A view of `src`: src dim d reads index `start + step * idx[k]` for routes[d] = (k, start, step), or
     the constant `start` where k is None. Costs nothing at run time beyond that arithmetic."""
     shape = tuple(shape)
@@ -109,7 +109,7 @@ def _reindex(src: _Value, shape: Sequence[int], dtype: torch.dtype | None, route
     deps = frozenset(k for _, k, _, _ in plan if k is not None)
     n_src = len(src.shape)
     if all(k == d and (start, step) == (0, 1) for d, k, start, step in plan) and len(shape) == n_src:
-        return _Value(shape, dtype or src.dtype, deps, src.fn)
+        return _Value(shape, src.dtype, deps, src.fn)
     src_fn = src.fn
 
     def view(idx: _Index, ref: Tensor) -> Tensor:
@@ -122,7 +122,7 @@ def _reindex(src: _Value, shape: Sequence[int], dtype: torch.dtype | None, route
                 src_idx[d] = i if (start, step) == (0, 1) else i * step + start
         return src_fn(tuple(src_idx), ref)
 
-    return _Value(shape, dtype or src.dtype, deps, view)
+    return _Value(shape, src.dtype, deps, view)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,6 +219,16 @@ def _is_python_constant(x: Any) -> bool:
         return True
     if isinstance(x, (tuple, list)):
         return all(_is_python_constant(y) for y in x)
+    return False
+
+
+def _holds_value(x: Any) -> bool:
+    if isinstance(x, _Value):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(_holds_value(y) for y in x)
+    if isinstance(x, dict):
+        return any(_holds_value(y) for y in x.values())
     return False
 
 
@@ -379,8 +389,7 @@ class _Lifter:
             if t is torch.clone:
                 return self._identity(node)
             if t is getattr:
-                obj = self.value(node.args[0]) if isinstance(node.args[0], fx.Node) else node.args[0]
-                return getattr(obj.meta() if isinstance(obj, _Value) else obj, node.args[1])
+                return self._getattr(node)
             return self._unsupported(node, name)
         # call_method
         if t in _METHOD_KIND:
@@ -409,6 +418,22 @@ class _Lifter:
         if t in ("size", "dim", "numel"):
             return getattr(self.meta_of(node.args[0]), t)(*self.arg(node.args[1:]))
         return self._unsupported(node, t)
+
+    def _getattr(self, node: fx.Node) -> Any:
+        obj, attr = node.args[0], node.args[1]
+        if attr in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+            return getattr(self.meta_of(obj), attr)
+        src = self.arg(obj)
+        if not isinstance(src, _Value):
+            return getattr(src, attr)
+        n = len(src.shape)
+        if attr in ("T", "mT") and n >= 2:
+            perm = list(range(n))[::-1] if attr == "T" else [*range(n - 2), n - 1, n - 2]
+            routes: list[tuple[int | None, int, int]] = [(None, 0, 0)] * n
+            for k, d in enumerate(perm):
+                routes[d] = (k, 0, 1)
+            return _reindex(src, tuple(src.shape[d] for d in perm), routes)
+        raise NotLiftable(f"{node.name}: attribute Tensor.{attr}")
 
     def _unsupported(self, node: fx.Node, name: str) -> Any:
         if name in _RANDOM or getattr(node.target, "_nondeterministic_seeded", False):
@@ -470,9 +495,9 @@ class _Lifter:
 
         # the dtype each operand is computed in, see Note [Lifted values]
         cast: dict[int | str, torch.dtype] = {}
-        if kind == "compare":
-            ct = torch.result_type(meta_args[0], meta_args[1]) if len(meta_args) >= 2 else dtype
-            cast = {i: ct for i in range(min(2, len(args)))}
+        if kind == "compare" and len(meta_args) == 2 and not kwargs:
+            ct = torch.result_type(meta_args[0], meta_args[1])
+            cast = {0: ct, 1: ct}
         elif kind == "arith":
             cast = {i: dtype for i in range(len(args))}
             cast.update({k: dtype for k in kwargs})
@@ -568,7 +593,7 @@ class _Lifter:
 
     def _tensor_literal(self, node: fx.Node) -> _Value:
         args, kwargs = self.arg(node.args), self.arg(node.kwargs)
-        if any(isinstance(a, _Value) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        if _holds_value((args, kwargs)):
             raise NotLiftable(f"{node.name}: tensor() of lifted values")
         t = node.target(*args, **kwargs)
         if t.dim() == 0:
@@ -627,7 +652,7 @@ class _Lifter:
         routes: list[tuple[int | None, int, int]] = [(None, 0, 0)] * len(src.shape)
         for d, k in zip(src_big, out_big):
             routes[d] = (k, 0, 1)
-        return _reindex(src, shape, None, routes)
+        return _reindex(src, shape, routes)
 
     def _permute(self, node: fx.Node, kind: str) -> _Value:
         src = self.arg(node.args[0])
@@ -652,7 +677,7 @@ class _Lifter:
         routes: list[tuple[int | None, int, int]] = [(None, 0, 0)] * n
         for k, d in enumerate(perm):
             routes[d] = (k, 0, 1)
-        return _reindex(src, shape, None, routes)
+        return _reindex(src, shape, routes)
 
     def _expand(self, node: fx.Node, sizes: Sequence[Any]) -> _Value:
         src = self.arg(node.args[0])
@@ -676,7 +701,7 @@ class _Lifter:
             else:
                 raise NotLiftable(f"{node.name}: cannot expand {src.shape} to {tuple(sizes)}")
         routes = [(d + n - m, 0, 1) for d in range(m)]
-        return _reindex(src, shape, None, routes)
+        return _reindex(src, shape, routes)
 
     def _getitem(self, node: fx.Node) -> Any:
         src = self.arg(node.args[0])
@@ -719,7 +744,7 @@ class _Lifter:
                 routes.append((len(shape), start, step))
                 shape.append(len(range(start, stop, step)))
             d += 1
-        return _reindex(src, shape, None, routes)
+        return _reindex(src, shape, routes)
 
     def _tri(self, node: fx.Node, lower: bool) -> _Value:
         src = self.arg(node.args[0])
@@ -766,7 +791,10 @@ def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]
     lifter = _Lifter(gm, example_inputs)
     out = []
     for node in nodes:
-        value = lifter.value(node)
+        try:
+            value = lifter.value(node)
+        except RecursionError:
+            raise NotLiftable(f"the subgraph of {node.name} is too deep to lift") from None
         if not isinstance(value, _Value):
             raise NotLiftable(f"{node.name} is not a tensor")
         n = len(value.shape)
@@ -802,8 +830,11 @@ def _name_lifted(fn: Callable[..., Tensor], value: _Value, axes: frozenset[str])
     # an additive mask: 0 where kept, a large negative where removed
     q, kv = _sample_grid(L, S)
     zero = torch.zeros((), dtype=torch.int64)
-    v = fn(zero, zero, q, kv).double()
-    if not bool(((v == 0) | (v <= _REMOVED)).all()):
+    try:
+        v = fn(zero, zero, q, kv).double()
+        if not bool(((v == 0) | (v <= _REMOVED)).all()):
+            return "lifted_mask"
+    except Exception:  # noqa: BLE001 - a name is not worth an error
         return "lifted_mask"
     return name_mask(lambda b, h, q_idx, kv_idx: fn(b, h, q_idx, kv_idx) == 0, L, S)
 
@@ -825,10 +856,14 @@ def name_mask(keep_fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], L: in
     q, kv = _sample_grid(L, S)
     zero = torch.zeros((), dtype=torch.int64)
     try:
-        keep = torch.as_tensor(keep_fn(zero, zero, q, kv))
-        keep = keep.to(torch.bool).expand(q.shape[0], S)
+        # a captured buffer may live on the GPU: its result then does too
+        keep = torch.as_tensor(keep_fn(zero, zero, q, kv)).to("cpu", torch.bool).expand(q.shape[0], S)
+        return _recognise(keep, q, kv, L, S)
     except Exception:  # noqa: BLE001 - a name is not worth an error
         return "lifted_mask"
+
+
+def _recognise(keep: Tensor, q: Tensor, kv: Tensor, L: int, S: int) -> str:
     if bool(keep.all()):
         return "lifted_mask"
     causal = kv <= q

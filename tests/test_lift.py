@@ -346,6 +346,8 @@ SPELLINGS = {
         "fill": (torch.div(_pos()[:, None], 4, rounding_mode="floor") >= torch.div(_pos(), 4, rounding_mode="floor"), True)},
     "permute_3d": lambda s, q, k: {"fill": ((_pos()[:, None, None] >= _pos()[None, :, None]).permute(2, 1, 0), True)},
     "int_additive": lambda s, q, k: {"mask": (_pos()[None, :] > _pos()[:, None]).long() * -10000},
+    "T_attribute": lambda s, q, k: {"fill": ((_pos()[:, None] <= _pos()[None, :]).T, True)},
+    "compare_keyword_operand": lambda s, q, k: {"fill": (torch.ge(_pos()[:, None], other=_pos()[None, :] * 2), True)},
 }
 
 
