@@ -18,6 +18,10 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     val_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
+    for old_node, new_node in val_map.items():
+        # AOTAutograd reads Dynamo's source of each graph input from this attribute
+        if old_node.op == "placeholder" and hasattr(old_node, "_dynamo_source"):
+            new_node._dynamo_source = old_node._dynamo_source
     # graph_copy drops the output node's meta; Dynamo/Inductor do not need it.
     graph._codegen = gm.graph._codegen
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)

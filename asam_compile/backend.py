@@ -128,6 +128,7 @@ def asam_backend(
     if not config.inductor:
         return new_gm.forward
     try:
+        pristine = _compat.copy_graph_module(new_gm)  # compile_fx consumes what it is given
         before = _compat.fuse_attention_count()
         with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
             compiled = _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config))
@@ -139,7 +140,7 @@ def asam_backend(
                 "recompiling with Inductor's pattern matcher off (slower code, right numbers).",
             )
             with _compat.inductor_pattern_matcher_off():
-                compiled = _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config) + ":nopm")
+                compiled = _compat.compile_fx(pristine, example_inputs, mode, _cache_key(config) + ":nopm")
         return compiled
     except Exception as e:  # noqa: BLE001
         if config.strict or not report.rewritten:
