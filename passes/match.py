@@ -635,7 +635,7 @@ def _evaluate(nodes: list[fx.Node], anc: set[fx.Node], gm: fx.GraphModule, examp
 
 def _classify_mask(
     scores: _Scores, term_vals: list[torch.Tensor], fill_vals: list[torch.Tensor], shape: Sequence[int],
-    chunk_elems: int = 1 << 24,
+    chunk_elems: int = 1 << 24, device: torch.device | None = None,
 ) -> tuple[str, bool, bool]:
     """(kind, fully, exclusion_only) of a known mask: kind is "none" | "causal" | "dense"; fully says
     whether some query row has every key masked; exclusion_only whether the mask only removes keys
@@ -645,12 +645,21 @@ def _classify_mask(
     costs no float64 copy of an L x S mask (an 8k HF mask is evaluated once per graph, see run()).
     """
     tensors = [t for t in term_vals + fill_vals if isinstance(t, torch.Tensor)]
-    dev = tensors[0].device if tensors else torch.device("cpu")
+    dev = device if device is not None else tensors[0].device if tensors else torch.device("cpu")
     L, S = shape[-2], shape[-1]
     lead = math.prod(shape[:-2])
     rows = max(1, chunk_elems // max(1, S * lead))
 
+    lead4 = (1,) * (2 - len(shape[:-2])) + tuple(shape[:-2]) if len(shape) <= 4 else None
+
     def rows_of(t: Any, i: int, j: int) -> Any:
+        if hasattr(t, "fn"):  # a lifted index function (passes/lift.py): evaluate just these rows
+            b = torch.arange(lead4[0], device=dev)[:, None, None, None]
+            h = torch.arange(lead4[1], device=dev)[None, :, None, None]
+            q = torch.arange(i, j, device=dev)[None, None, :, None]
+            kv = torch.arange(S, device=dev)[None, None, None, :]
+            v = torch.as_tensor(t.fn(b, h, q, kv), device=dev)
+            return v.broadcast_to((*lead4, j - i, S)).reshape(*shape[:-2], j - i, S)
         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] == L:
             return t[..., i:j, :]
         return t
@@ -748,8 +757,14 @@ def match_attention(
                 kind, fully, exclusion_only = mask_cache[key]
             else:
                 try:
-                    vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
-                    kind, fully, exclusion_only = _classify_mask(scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs))
+                    # Static shapes: classify from the lifted index functions, row chunk by row chunk, so no
+                    # L x S mask is made at compile time. Otherwise (or if the mask cannot be lifted) run
+                    # the mask subgraph itself once.
+                    vals = _lift_cached(mask_nodes, gm, example_inputs, mask_cache) if subs == {} and rank == 4 else None
+                    if vals is None:
+                        vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
+                    kind, fully, exclusion_only = _classify_mask(
+                        scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs), device=sv.device)
                     del vals
                 except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
                     log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
@@ -808,6 +823,20 @@ def match_attention(
     )
 
 
+def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], cache: dict[Any, Any]) -> list[Any] | None:
+    """The lifted index functions of the mask nodes, or None where they cannot be lifted."""
+    from asam_compile.passes.lift import NotLiftable, lift
+
+    key = ("lift", tuple(mask_nodes))
+    if key not in cache:
+        try:
+            cache[key] = lift(mask_nodes, gm, example_inputs)
+        except NotLiftable as e:
+            log.debug("mask %s not lifted: %s", [n.name for n in mask_nodes], e)
+            cache[key] = None
+    return cache[key]
+
+
 def _plan_flex(
     softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
     example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any],
@@ -831,6 +860,7 @@ def _plan_flex(
             cache[key] = f"mask not liftable: {e}"
         else:
             cache[key] = _lifted_keep(scores, lifted)
+            cache[("lift", tuple(mask_nodes))] = lifted
     keep = cache[key]
     if isinstance(keep, str):
         return keep

@@ -164,3 +164,25 @@ def test_hf_mistral_sliding_window_through_flex():
     assert all("sliding_window_24" in c.info["mask"] for c in cap.report.rewritten), cap.report
     err, err_eager = (out.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
     assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
+def test_liftable_masks_are_classified_without_materialising_them(monkeypatch):
+    """With static shapes a liftable mask is classified from its lifted index functions in row chunks: the
+    mask subgraph itself (an L x S tensor) is never run at compile time."""
+    from asam_compile.passes import match
+
+    def no_full_evaluation(*args, **kwargs):
+        raise AssertionError("the mask subgraph was evaluated at full size")
+
+    monkeypatch.setattr(match, "_evaluate", no_full_evaluation)
+    for model, L, expect in ((HFSlidingWindow(48), 300, "flex:sliding_window_48"), (ChunkedLocal(100), 333, "flex:")):
+        with torch.no_grad(), asam_compile.capture() as cap:
+            torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(*qkv(L))
+        (cand,) = cap.report.candidates
+        assert cand.status == "rewritten" and cand.info["mask"].startswith(expect), cand
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, attn_implementation="eager")
+    with torch.no_grad(), asam_compile.capture() as cap:
+        torch.compile(transformers.LlamaForCausalLM(cfg).eval(), backend="asam", options={"strict": True})(torch.randint(0, 128, (1, 40)))
+    assert [c.info["is_causal"] for c in cap.report.candidates] == [True]
