@@ -15,18 +15,11 @@ import copy
 import datetime
 import json
 import platform
-import statistics
-import subprocess
 import time
 
 import torch
 
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+from common import bench, git_rev
 
 
 def build(args, attn: str):
@@ -39,19 +32,6 @@ def build(args, attn: str):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
-
-
-def bench(fn, device: str, iters: int) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=100, rep=max(200, iters * 20), return_mode="median"))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -127,7 +107,7 @@ def main() -> None:
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
-                    ms = bench(lambda: fn(ids, **kw), dev, args.iters)
+                    ms = bench(lambda: fn(ids, **kw), dev, args.iters, rep_ms=max(200, args.iters * 20))
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append(dict(seq=L, mode=mode, ms=ms, compile_s=first, max_err_vs_fp64=err, peak_gib=peak, rewritten=fired))
             except Exception as e:  # noqa: BLE001 - a failing configuration is a row, the sweep goes on

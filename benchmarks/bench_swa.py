@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import statistics
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import bench
 
 
 class EagerSlidingWindowAttention(nn.Module):
@@ -48,19 +48,6 @@ def sdpa_dense_mask(q, k, v, window):
     i = torch.arange(L, device=q.device)
     keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-
-
-def bench(fn, device, iters):
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -136,7 +123,7 @@ def main() -> None:
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
-                    ms = bench(lambda: fn(q, k, v), dev, args.iters)
+                    ms = bench(lambda: fn(q, k, v), dev, args.iters, warmup_ms=50)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append(dict(seq=L, mode=mode, ms=ms, compile_s=first, max_err=err, peak_gib=peak, rewritten=fired, kernel=kernel))
             except Exception as e:  # noqa: BLE001 - a failing configuration is a row; the sweep goes on

@@ -305,7 +305,7 @@ def _match_scores(x: fx.Node) -> _Scores:
             continue
         if _call(cur, torch.masked_fill):
             s, mask, value = cur.args
-            if not _is_scalar(value) and not (isinstance(value, fx.Node) and _val(value).dim() == 0 and False):
+            if not _is_scalar(value):
                 raise Rejection(Reject.MASK_FILL_VALUE, f"{cur.name} fills with a tensor")
             chain.append(("fill", Fill(mask, _scalar_hint(value), mask_is_keep=False)))
             cur = s
@@ -526,8 +526,8 @@ def _repeat_source(node: fx.Node) -> tuple[fx.Node, int] | None:
 # A causal mask proven at compile time has no such rows and needs no fix-up.
 
 
-def _mask_inputs(nodes: list[fx.Node]) -> tuple[set[fx.Node], bool]:
-    """Ancestors of the mask nodes, and whether they depend only on shapes, constants and buffers."""
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The mask nodes and every node they are computed from."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
@@ -536,7 +536,7 @@ def _mask_inputs(nodes: list[fx.Node]) -> tuple[set[fx.Node], bool]:
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
-    return seen, True
+    return seen
 
 
 def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
@@ -709,9 +709,7 @@ def match_attention(
     q_factors: list[tuple[Any, bool]] = []
     q, k, labels = _qk_operands(scores.qk, q_factors)
     v, out_perm = _value_operand(out, probs, labels)
-    if labels is None and _call(out, torch.matmul):
-        pass
-    elif labels is not None and _call(out, torch.matmul):
+    if labels is not None and _call(out, torch.matmul):
         raise Rejection(Reject.EINSUM_UNSUPPORTED, "einsum scores with a matmul on values")
 
     # scale: python numbers fold into SDPA's scale; symbolic ones are multiplied into q
@@ -747,7 +745,7 @@ def match_attention(
             raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{m.name} {tuple(mv.shape)} vs scores {tuple(qv.shape)}")
     mask_kind, fixup, flex_plan = "none", None, None
     if mask_nodes:
-        anc, _ = _mask_inputs(mask_nodes)
+        anc = _ancestors(mask_nodes)
         samples = _size_samples(anc) if _constant_inputs_ok(anc, config) else []
         kinds: set[str] = set()
         for subs in samples:

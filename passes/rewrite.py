@@ -9,6 +9,7 @@ nn_module_stack of the softmax they replace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -40,7 +41,7 @@ class _Emitter:
                 node.meta[key] = self.like.meta[key]
         fargs = fx.node.map_arg(args, _compat.example_value)
         fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
-        with _compat.fake_mode_from((fargs, fkwargs)) or _null():
+        with _compat.fake_mode_from((fargs, fkwargs)) or contextlib.nullcontext():
             if getattr(target, "__name__", "") == "flex_attention_call":
                 # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
                 q, k, v = fargs[:3]
@@ -54,14 +55,6 @@ class _Emitter:
                 val = target(*fargs, **fkwargs)
         node.meta["example_value"] = val
         return node
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _emit_operand(emit: _Emitter, op: Operand, rank: int, dtype: torch.dtype) -> fx.Node:
