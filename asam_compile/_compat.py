@@ -101,13 +101,36 @@ def symbol_hint(shape_env: Any, symbol: Any) -> int | None:
 
 def placeholder_source(node: fx.Node) -> str | None:
     """Dynamo's source name of a graph input, e.g. "L['self']._modules['attn']._buffers['bias']"."""
+    # meta["grapharg"] exists while the backend runs; Dynamo's clean-up deletes it later but leaves
+    # node._dynamo_source (which AOTAutograd reads too).
     arg = node.meta.get("grapharg")
-    if arg is None:
+    source = arg.source if arg is not None else getattr(node, "_dynamo_source", None)
+    if source is None:
         return None
     try:
-        return arg.source.name() if callable(arg.source.name) else arg.source.name
+        return source.name() if callable(source.name) else source.name
     except Exception:  # noqa: BLE001
         return None
+
+
+def is_fake(x: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor)
+
+
+def sym_hint(x: Any) -> int | float | None:
+    """The example value behind a SymInt/SymFloat (None for an unbacked, data-dependent one)."""
+    return x.node.hint
+
+
+def sym_expr(x: Any) -> Any:
+    """The sympy expression of a SymInt."""
+    return x.node.expr
+
+
+def sym_shape_env(x: Any) -> Any:
+    return x.node.shape_env
 
 
 def is_param_or_buffer(node: fx.Node) -> bool:

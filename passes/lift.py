@@ -207,9 +207,9 @@ def _is_symbolic(x: Any) -> bool:
 
 
 def _symbolic_reason(x: Any) -> str:
-    """Private torch API: SymNode.hint (None for an unbacked, data-dependent symbol). Checked on 2.11, 2.13."""
+    """Why a symbolic value cannot be lifted."""
     syms = [x] if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) else []
-    if any(getattr(s.node, "hint", 0) is None for s in syms):
+    if any(_compat.sym_hint(s) is None for s in syms):
         return "data-dependent value"
     return "dynamic shapes"
 
@@ -240,19 +240,7 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _placeholder_source(node: fx.Node) -> str:
-    """Dynamo's source name of a graph input. Private torch API: meta["grapharg"] (read by _compat) exists
-    only while the backend runs; Dynamo's cleanup deletes it but leaves node._dynamo_source (see
-    pytorch issue 141640). Checked on torch 2.13."""
-    name = _compat.placeholder_source(node)
-    if name:
-        return name
-    source = getattr(node, "_dynamo_source", None)
-    if source is None:
-        return ""
-    try:
-        return source.name() if callable(source.name) else source.name
-    except Exception:  # noqa: BLE001
-        return ""
+    return _compat.placeholder_source(node) or ""
 
 
 def _placeholder_kind(node: fx.Node) -> str:
@@ -772,10 +760,7 @@ class _Lifter:
 
 
 def _is_fake(x: Tensor) -> bool:
-    """Private torch API: FakeTensor. Checked on torch 2.11 and 2.13."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(x, FakeTensor)
+    return _compat.is_fake(x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def _is_scalar(x: Any) -> bool:
 def _scalar_hint(x: Any) -> float:
     v = _val(x)
     if isinstance(v, (torch.SymInt, torch.SymFloat)):
-        return float(v.node.hint) if v.node.hint is not None else float("nan")
+        hint = _compat.sym_hint(v)
+        return float(hint) if hint is not None else float("nan")
     return float(v)
 
 
@@ -579,8 +580,8 @@ def _size_samples(anc: set[fx.Node]) -> list[dict[Any, int]]:
         for d in sizes:
             if not isinstance(d, torch.SymInt):
                 continue
-            for sym in d.node.expr.free_symbols:
-                hint = _compat.symbol_hint(d.node.shape_env, sym)
+            for sym in _compat.sym_expr(d).free_symbols:
+                hint = _compat.symbol_hint(_compat.sym_shape_env(d), sym)
                 if hint is None:
                     return []
                 symbols[sym] = int(hint)
@@ -600,9 +601,9 @@ def _concrete(shape: Sequence[Any], subs: dict[Any, int]) -> tuple[int, ...]:
     out = []
     for d in shape:
         if isinstance(d, torch.SymInt):
-            expr = sympy.sympify(d.node.expr.xreplace(subs))
+            expr = sympy.sympify(_compat.sym_expr(d).xreplace(subs))
             if expr.free_symbols:  # symbols the mask does not depend on keep their example value
-                expr = expr.xreplace({s: _compat.symbol_hint(d.node.shape_env, s) for s in expr.free_symbols})
+                expr = expr.xreplace({s: _compat.symbol_hint(_compat.sym_shape_env(d), s) for s in expr.free_symbols})
             out.append(int(expr))
         else:
             out.append(int(d))
