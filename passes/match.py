@@ -774,7 +774,10 @@ def match_attention(
             kinds.add(kind)
             if kind == "dense" and samples == [{}] and exclusion_only and not fully:
                 try:
-                    flex_plan = _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache)
+                    flex_plan = (
+                        "Flex has no attention dropout" if dropout_p else
+                        _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache)
+                    )
                 except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
                     if config.strict:
                         raise
@@ -799,6 +802,8 @@ def match_attention(
         raise Rejection(Reject.SHAPE_MISMATCH, "operand shapes unknown")
     if not (qs[:-2] == ks[:-2] == vs[:-2] and qs[-1] == ks[-1] and ks[-2] == vs[-2]):
         raise Rejection(Reject.SHAPE_MISMATCH, f"q {tuple(qs)}, k {tuple(ks)}, v {tuple(vs)}")
+    if mask_kind == "flex" and qs[-1] != vs[-1]:
+        mask_kind, flex_plan = "dense", f"Flex needs equal query and value head sizes ({qs[-1]} vs {vs[-1]})"
 
     # GQA: repeated K/V heads
     enable_gqa = False
@@ -848,8 +853,10 @@ def _plan_flex(
 
     if config.flex == "never":
         return "flex='never'"
-    if qv.dim() != 4 and qv.dim() != 3:
-        return "Flex needs 3-D or 4-D attention"
+    if qv.dim() != 4:
+        # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
+        # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
+        return "Flex is used for 4-D attention only"
     key = ("flex", tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
            tuple((fl.value, fl.mask_is_keep) for fl in scores.fills))
     if key not in cache:

@@ -186,3 +186,112 @@ def test_liftable_masks_are_classified_without_materialising_them(monkeypatch):
     with torch.no_grad(), asam_compile.capture() as cap:
         torch.compile(transformers.LlamaForCausalLM(cfg).eval(), backend="asam", options={"strict": True})(torch.randint(0, 128, (1, 40)))
     assert [c.info["is_causal"] for c in cap.report.candidates] == [True]
+
+
+class SlidingWindowDropout(HFSlidingWindow):
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        i = torch.arange(L)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+        return F.dropout(probs, p=0.25, training=True) @ v
+
+
+def test_training_dropout_stays_on_sdpa():
+    """Flex has no attention dropout: a site with dropout in training keeps SDPA (with dropout_p)."""
+    with torch.no_grad(), asam_compile.capture() as cap:
+        torch.compile(SlidingWindowDropout(16), backend="asam", options={"strict": True, "flex": "always", "inductor": False})(*qkv(64))
+    (cand,) = cap.report.rewritten
+    assert cand.target == "sdpa" and cand.info["dropout_p"] == 0.25 and "dropout" in cand.info["kernel"], cand.info
+
+
+class ThreeDWindow(nn.Module):
+    """(B*H, L, E) bmm spelling with a local window."""
+
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        i = torch.arange(L)
+        far = (i[None, :] - i[:, None]).abs() > 5
+        att = torch.bmm(q, k.transpose(1, 2)) * 0.25
+        att = att.masked_fill(far, float("-inf"))
+        return torch.bmm(att.softmax(-1), v)
+
+
+def test_three_d_window_keeps_dense_sdpa_and_matches_float64():
+    """3-D (B*H, L, E) sites are not sent to Flex yet: SDPA with the dense mask, reason in the report."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, 45, 16, generator=g) for _ in range(3))
+    model = ThreeDWindow()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+    assert count_flex(cap.graphs) == 0 and count_sdpa(cap.graphs) == 1, cap.report
+    assert "4-D" in cap.report.rewritten[0].info["kernel"]
+    ref = model(q.double(), k.double(), v.double())
+    err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
+    assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
+def test_autocast_bf16_flex_runs_in_bf16():
+    model = HFSlidingWindow(24)
+    q, k, v = qkv(96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+        eager = model(q, k, v)
+    assert count_flex(cap.graphs) == 1
+    assert out.dtype == eager.dtype == torch.bfloat16
+    ref = model(q.double(), k.double(), v.double())
+    err, err_eager = (out.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
+    assert err <= 2 * err_eager + 1e-3, (err, err_eager)
+
+
+class LocalWindow(nn.Module):
+    """A window [q - left, q + right] written with masked_fill(-inf), optionally causal-clipped."""
+
+    def __init__(self, left: int, right: int) -> None:
+        super().__init__()
+        self.left, self.right = left, right
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        d = i[None, :] - i[:, None]
+        keep = (d >= -self.left) & (d <= self.right)
+        att = (q @ k.mT) * q.shape[-1] ** -0.5
+        return att.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def _keep_from_plan(gm, L, block):
+    """The dense keep-mask that the BlockMask and mask_mod of the one Flex call in `gm` compute."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    (call,) = [n for n in gm.graph.nodes if n.target is runtime.flex_attention_call]
+    tensors = [getattr(gm, a.target) for a in call.args[3:7]]
+    bm = BlockMask.from_kv_blocks(*tensors, BLOCK_SIZE=block, mask_mod=runtime.MASK_MODS[call.kwargs["mask_key"]], seq_lengths=(L, L))
+    computed = bm.to_dense()[0, 0].repeat_interleave(block, 0).repeat_interleave(block, 1)[:L, :L].bool()
+    i = torch.arange(L)
+    return computed & bm.mask_mod(torch.tensor(0), torch.tensor(0), i[:, None], i[None, :])
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(17, 160), left=st.integers(0, 40), right=st.integers(0, 40), block=st.sampled_from([16, 32]))
+def test_property_window_block_mask_is_exact(L, left, right, block):
+    """Random windows and lengths: the compiled plan keeps exactly the positions the original mask keeps."""
+    torch._dynamo.reset()
+    model = LocalWindow(left, right)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": block, "inductor": False})(*qkv(L, E=16))
+    i = torch.arange(L)
+    d = i[None, :] - i[:, None]
+    expected = (d >= -left) & (d <= right)
+    (cand,) = cap.report.candidates
+    if bool(expected.all()):
+        assert cand.info["mask"] == "none"
+        return
+    if torch.equal(expected, torch.ones(L, L, dtype=torch.bool).tril()):
+        assert cand.info["is_causal"] is True  # a window reaching back over the whole sequence is causal
+        return
+    assert cand.target == "flex", cand
+    assert torch.equal(_keep_from_plan(cap.graphs[0], L, block), expected)
