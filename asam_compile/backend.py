@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -146,6 +147,22 @@ def asam_backend(
         if config.strict or not report.rewritten:
             raise
         report.inductor_fallback = f"{type(e).__name__}: {e}"
+        if any(c.target == "flex" for c in report.rewritten):
+            # Flex is the newest path: before giving up on the rewrite, try SDPA with dense masks.
+            _warn_once(
+                f"inductor-flex:{type(e).__name__}",
+                f"asam_compile: Inductor failed on a graph with Flex attention ({type(e).__name__}: {e}); "
+                "retrying with flex='never' (SDPA with dense masks).",
+            )
+            try:
+                dense_config = dataclasses.replace(config, flex="never")
+                dense_gm, dense_report = run_passes(gm, example_inputs, dense_config)
+                with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
+                    compiled = _compat.compile_fx(dense_gm, example_inputs, mode, _cache_key(dense_config))
+                report.candidates = dense_report.candidates
+                return compiled
+            except Exception:  # noqa: BLE001 - fall through to the original graph
+                log.debug("dense retry failed too", exc_info=True)
         _warn_once(
             f"inductor:{type(e).__name__}",
             f"asam_compile: Inductor failed on the rewritten graph ({type(e).__name__}: {e}); "

@@ -50,3 +50,4 @@ def flex_attention_call(
         # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+

@@ -7,6 +7,16 @@
 The functions are FlexAttention mask_mod material: they take index tensors of any broadcastable shapes
 (0-d tensors under vmap, broadcast grids in asam_compile.block_mask) and never materialise L x S.
 Never mutates the graph.
+
+Dynamic shapes (torch.compile(dynamic=True)): sizes are SymInts (graph inputs such as `s0`, and entries of
+the FakeTensor shapes in node.meta["example_value"]). One graph serves every length, so a lifted function
+must be right for every value of the size symbols. A symbol is therefore accepted only where the lifted
+value does not depend on it: the end of an arange (start and step are constants), target sizes of
+expand / broadcast_to / view / reshape (which only add or drop size-1 dims or broadcast), the stop of a
+slice with start 0 and step 1 (`bias[:, :, :T, :T]`), sizes of factories (`ones(s0, s0)`), and shapes that
+are only read. Any use of a symbol's value in the mask's arithmetic (`arange(s0) + (s1 - s0)`, `q - s0 // 2`,
+`kv < s0`, `full((s0,), s0)`, a slice starting at `-s0`) raises NotLiftable naming the symbol.
+See Note [Symbolic sizes].
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ class Lifted:
     # Axes the value may depend on (a superset: `kv - kv` still counts as kv). Axes not listed can be
     # given a single index (B=1 / H=1 in a block mask) without changing the result.
     axes: frozenset[str]
-    shape: tuple[int, ...] = ()  # the node's own shape (it broadcasts to the scores from the right)
+    # The node's own shape (it broadcasts to the scores from the right), as Dynamo recorded it: under dynamic
+    # shapes its entries may be SymInts (e.g. (s0, 1, s1, s1)); fn is right for every value of them.
+    shape: tuple[int | torch.SymInt, ...] = ()
     dtype: torch.dtype = torch.bool  # the node's dtype; fn returns this dtype
 
 
@@ -59,16 +71,29 @@ class Lifted:
 #    original (a full tensor) won.
 # `ref` is one of the caller's index tensors: constants are made on its device.
 
+# Note [Symbolic sizes]
+# Under dynamic shapes a _Value's `shape` still holds plain ints: every size symbol is replaced by a
+# "stand-in", a distinct large prime (see _Lifter.probe), and all shape reasoning (broadcasting, views,
+# meta tensors) runs on those ints. Nothing ever compares or computes with a SymInt itself, so lifting
+# adds no guard to Dynamo's shape environment (no recompiles, no specialisation). A stand-in is far from
+# any real size, so a symbolic dim counts as "big" (size > 1); _Lifter.value() checks that the shape
+# environment proves it >= 2 for every allowed value. The stand-in never reaches an index function: a
+# SymInt stays a SymInt in the interpreter's environment (a "size token"), it is probed only where it
+# is a size, and every op that would use it as a value refuses (_Lifter._no_symbols).
+# `sym_shape` is the shape in Dynamo's terms (ints and SymInts), taken from the node's example value
+# after checking that it probes to `shape`; it is what Lifted.shape reports.
+
 _Index = tuple  # one entry per dim: Tensor | int
 _Fn = Callable[[_Index, Tensor], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Value:
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # stand-ins for symbolic sizes, see Note [Symbolic sizes]
     dtype: torch.dtype
     deps: frozenset[int]
     fn: _Fn
+    sym_shape: tuple[Any, ...] | None = None  # Dynamo's shape (ints, SymInts) where it has symbols
 
     def meta(self) -> Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
@@ -206,12 +231,56 @@ def _is_symbolic(x: Any) -> bool:
     return False
 
 
-def _symbolic_reason(x: Any) -> str:
-    """Why a symbolic value cannot be lifted."""
-    syms = [x] if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) else []
-    if any(_compat.sym_hint(s) is None for s in syms):
-        return "data-dependent value"
-    return "dynamic shapes"
+_SYM_TYPES = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _symbols_in(x: Any) -> list[Any]:
+    """The SymInts / SymFloats / SymBools in a (nested) argument."""
+    if isinstance(x, _SYM_TYPES):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [s for y in x for s in _symbols_in(y)]
+    if isinstance(x, dict):
+        return [s for y in x.values() for s in _symbols_in(y)]
+    if isinstance(x, slice):
+        return _symbols_in((x.start, x.stop, x.step))
+    return []
+
+
+def _sym_str(x: Any) -> str:
+    try:
+        return str(_compat.sym_expr(x))
+    except Exception:  # noqa: BLE001
+        return str(x)
+
+
+def _is_backed(x: Any) -> bool:
+    try:
+        return _compat.sym_hint(x) is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _is_size_like(x: Any) -> bool:
+    """A python constant, or sizes in Dynamo's terms: SymInts and tuples (torch.Size) of them."""
+    if isinstance(x, _SYM_TYPES):
+        return True
+    if isinstance(x, (tuple, list)):
+        return all(_is_size_like(y) for y in x)
+    return _is_python_constant(x)
+
+
+def _hint_shape(shape: Sequence[Any]) -> tuple[int, ...]:
+    """The example's sizes: a SymInt's hint (its value in the example Dynamo traced)."""
+    return tuple(int(_compat.sym_hint(d)) if isinstance(d, torch.SymInt) else int(d) for d in shape)
+
+
+def _standin(k: int) -> int:
+    """The k-th stand-in for a size symbol: distinct primes far from usual sizes, small enough that a 4-D
+    meta tensor of them does not overflow int64. See Note [Symbolic sizes]."""
+    import sympy
+
+    return int(sympy.nextprime(1000 * (k + 7)))
 
 
 def _is_python_constant(x: Any) -> bool:
@@ -294,6 +363,7 @@ class _Lifter:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = dict(zip(placeholders, example_inputs))
         self.env: dict[fx.Node, Any] = {}
+        self.standins: dict[Any, int] = {}  # size symbol -> stand-in, see Note [Symbolic sizes]
 
     # -- values ------------------------------------------------------------------------------------
 
@@ -301,23 +371,103 @@ class _Lifter:
         if node in self.env:
             return self.env[node]
         ev = _compat.example_value(node)
-        if _is_symbolic(ev):
-            raise NotLiftable(f"{_symbolic_reason(ev)} ({node.name})")
+        if not isinstance(ev, Tensor):
+            unbacked = [x for x in _symbols_in(ev) if not _is_backed(x)]
+            scalars = [x for x in _symbols_in(ev) if not isinstance(x, torch.SymInt)]
+            if unbacked or scalars:
+                inputs = _runtime_inputs(node)
+                reads = f", reading runtime input {', '.join(inputs)}" if inputs else ""
+                kind = "data-dependent" if unbacked else "dynamic"
+                raise NotLiftable(f"{kind} value {_sym_str((unbacked or scalars)[0])} ({node.name}{reads})")
+        if node.op == "placeholder" and isinstance(ev, _SYM_TYPES):
+            self.env[node] = ev  # a size symbol: a token, see Note [Symbolic sizes]
+            return ev
         if node.op in ("call_function", "call_method", "get_attr", "placeholder"):
             user = _mutation(node)
             if user is not None:
                 raise NotLiftable(f"{node.name} is changed in place by {user.name} ({_op_name(user)})")
-        # sizes, dtypes, devices: Dynamo recorded them; the tensors they were read from need not be liftable
-        if node.op in ("call_function", "call_method") and ev is not None and _is_python_constant(ev):
+        # sizes, dtypes, devices: Dynamo recorded them; the tensors they were read from need not be liftable.
+        # Symbolic sizes (s0, s0 // 2) stay SymInts: each use is checked where it happens.
+        if node.op in ("call_function", "call_method") and ev is not None and _is_size_like(ev):
             self.env[node] = ev
             return ev
         out = self._compute(node)
-        if isinstance(out, _Value) and isinstance(ev, Tensor) and (out.shape != tuple(ev.shape) or out.dtype != ev.dtype):
-            raise NotLiftable(
-                f"internal: {node.name} lifted as {out.shape} {out.dtype}, the graph has {tuple(ev.shape)} {ev.dtype}"
-            )
+        if isinstance(out, _Value) and isinstance(ev, Tensor):
+            out = self._check_shape(node, out, ev)
         self.env[node] = out
         return out
+
+    def _check_shape(self, node: fx.Node, out: _Value, ev: Tensor) -> _Value:
+        """`out` has the shape and dtype Dynamo recorded (symbolic dims compared through their stand-ins,
+        i.e. structurally); records Dynamo's shape in sym_shape."""
+        graph_shape = tuple(ev.shape)
+        if out.shape != self.probe(graph_shape) or out.dtype != ev.dtype:
+            raise NotLiftable(
+                f"internal: {node.name} lifted as {out.shape} {out.dtype}, the graph has {graph_shape} {ev.dtype}"
+            )
+        if not _symbols_in(graph_shape):
+            return out
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        for d in graph_shape:
+            # a stand-in is "big": the symbol must be so for every size the graph serves
+            if isinstance(d, torch.SymInt) and not statically_known_true(d >= 2):
+                raise NotLiftable(f"dynamic size {_sym_str(d)} of {node.name} may be 0 or 1")
+        return dataclasses.replace(out, sym_shape=graph_shape)
+
+    # -- symbolic sizes, see Note [Symbolic sizes] ---------------------------------------------------------
+
+    def probe(self, x: Any) -> Any:
+        """`x` with every SymInt replaced by its value at the stand-ins of its symbols."""
+        if isinstance(x, torch.SymInt):
+            if not _is_backed(x):
+                raise NotLiftable(f"data-dependent size {_sym_str(x)}")
+            import sympy
+
+            expr = _compat.sym_expr(x)
+            subs = {}
+            for sym in sorted(expr.free_symbols, key=str):
+                if sym not in self.standins:
+                    self.standins[sym] = _standin(len(self.standins))
+                subs[sym] = sympy.Integer(self.standins[sym])
+            try:
+                return int(sympy.sympify(expr.xreplace(subs)))
+            except Exception as e:  # noqa: BLE001
+                raise NotLiftable(f"dynamic size {expr} cannot be evaluated") from e
+        if isinstance(x, (torch.SymFloat, torch.SymBool)):
+            raise NotLiftable(f"dynamic value {_sym_str(x)} used as a size")
+        if isinstance(x, (tuple, list)):  # torch.Size too
+            return tuple(self.probe(y) for y in x) if isinstance(x, tuple) else [self.probe(y) for y in x]
+        if isinstance(x, dict):
+            return {k: self.probe(v) for k, v in x.items()}
+        return x
+
+    def no_symbols(self, node: fx.Node, *values: Any, what: str = "") -> None:
+        """Refuse if a size symbol is used as a value: the mask would then change with the size."""
+        syms = _symbols_in(values)
+        if syms:
+            names = ", ".join(dict.fromkeys(_sym_str(x) for x in syms))
+            raise NotLiftable(
+                f"{node.name} ({_op_name(node)}) computes with the value of dynamic size {names}{what}: "
+                "the graph serves every size, and a lifted mask may not depend on one"
+            )
+
+    def sizes_of(self, a: Any) -> tuple[Any, ...]:
+        """The shape of `a` in Dynamo's terms (ints and SymInts), never stand-ins."""
+        if isinstance(a, fx.Node):
+            ev = _compat.example_value(a)
+            if isinstance(ev, Tensor):
+                return tuple(ev.shape)
+            a = self.value(a)
+        if isinstance(a, _Value):
+            if a.sym_shape is not None:
+                return a.sym_shape
+            if self.standins and any(s >= _standin(0) for s in a.shape):
+                raise NotLiftable("the shape of a dynamic-shape tensor was not recorded")
+            return a.shape
+        if isinstance(a, Tensor):
+            return tuple(a.shape)
+        raise NotLiftable(f"size of {a!r}")
 
     def arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -335,9 +485,7 @@ class _Lifter:
         if isinstance(a, fx.Node):
             ev = _compat.example_value(a)
             if isinstance(ev, Tensor):
-                if _is_symbolic(ev):
-                    raise NotLiftable(f"dynamic shapes ({a.name})")
-                return torch.empty(tuple(ev.shape), dtype=ev.dtype, device="meta")
+                return torch.empty(self.probe(tuple(ev.shape)), dtype=ev.dtype, device="meta")
             a = self.value(a)
         return a.meta() if isinstance(a, _Value) else a
 
@@ -404,12 +552,14 @@ class _Lifter:
         if t in _NEW_FACTORIES:
             return self._fill_new(node, _NEW_FACTORIES[t])
         if t in ("size", "dim", "numel"):
-            return getattr(self.meta_of(node.args[0]), t)(*self.arg(node.args[1:]))
+            return self._size_query(node.args[0], t, self.arg(node.args[1:]))
         return self._unsupported(node, t)
 
     def _getattr(self, node: fx.Node) -> Any:
         obj, attr = node.args[0], node.args[1]
-        if attr in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+        if attr in ("shape", "ndim"):
+            return self._size_query(obj, "size" if attr == "shape" else "dim", ())
+        if attr in ("dtype", "device", "is_cuda", "requires_grad", "layout"):
             return getattr(self.meta_of(obj), attr)
         src = self.arg(obj)
         if not isinstance(src, _Value):
@@ -422,6 +572,22 @@ class _Lifter:
                 routes[d] = (k, 0, 1)
             return _reindex(src, tuple(src.shape[d] for d in perm), routes)
         raise NotLiftable(f"{node.name}: attribute Tensor.{attr}")
+
+    def _size_query(self, obj: Any, what: str, args: Sequence[Any]) -> Any:
+        shape = self.sizes_of(obj)
+        if what == "dim":
+            return len(shape)
+        if what == "numel":
+            n: Any = 1
+            for d in shape:
+                n = n * d
+            return n
+        if args:
+            return shape[args[0]]
+        try:
+            return torch.Size(shape)
+        except Exception:  # noqa: BLE001
+            return shape
 
     def _unsupported(self, node: fx.Node, name: str) -> Any:
         if name in _RANDOM or getattr(node.target, "_nondeterministic_seeded", False):
@@ -436,9 +602,10 @@ class _Lifter:
         x = self.inputs.get(node)
         ev = _compat.example_value(node)
         if not isinstance(ev, Tensor) and not isinstance(x, Tensor):
-            if _is_symbolic(x):
-                raise NotLiftable(f"dynamic shapes ({node.name})")
-            return x
+            unbacked = [y for y in _symbols_in(x) if not _is_backed(y)]
+            if unbacked:
+                raise NotLiftable(f"data-dependent value {_sym_str(unbacked[0])} ({node.name})")
+            return x  # a size symbol stays a token, see Note [Symbolic sizes]
         kind = _placeholder_kind(node)
         if kind == "buffer":
             if not isinstance(x, Tensor) or _is_fake(x):
@@ -470,6 +637,7 @@ class _Lifter:
         if not any(isinstance(a, _Value) for a in [*args, *kwargs.values()]):
             out = call(*args, **kwargs)  # python numbers only (size arithmetic)
             return _captured(out) if isinstance(out, Tensor) else out
+        self.no_symbols(node, args, kwargs)
 
         meta_args = [a.meta() if isinstance(a, _Value) else a for a in args]
         meta_kwargs = {k: v.meta() if isinstance(v, _Value) else v for k, v in kwargs.items()}
@@ -529,14 +697,16 @@ class _Lifter:
         kwargs = self.arg(node.kwargs)
         if any(isinstance(a, _Value) for a in [*args, *kwargs.values()]):
             raise NotLiftable(f"{node.name}: arange with tensor bounds")
-        meta = torch.arange(*args, **{**kwargs, "device": "meta"})
-        if meta.dtype.is_floating_point or meta.dtype.is_complex:
-            raise NotLiftable(f"{node.name}: floating-point arange (its rounding is not reproduced)")
         if len(args) == 1:
             start, step = kwargs.get("start", 0), kwargs.get("step", 1)
         else:
             start = args[0] if args else kwargs.get("start", 0)
             step = args[2] if len(args) > 2 else kwargs.get("step", 1)
+        # element i is start + step * i whatever the end: only the end may be symbolic
+        self.no_symbols(node, start, step, what=" (as the start or step of arange)")
+        meta = torch.arange(*self.probe(args), **{**self.probe(kwargs), "device": "meta"})
+        if meta.dtype.is_floating_point or meta.dtype.is_complex:
+            raise NotLiftable(f"{node.name}: floating-point arange (its rounding is not reproduced)")
         dtype, size = meta.dtype, meta.shape[0]
         start, step = int(start), int(step)
         if size == 1:
@@ -557,21 +727,27 @@ class _Lifter:
         args, kwargs = self.arg(node.args), self.arg(node.kwargs)
         if target is torch.full:
             value = args[1] if len(args) > 1 else kwargs.get("fill_value")
-        return self._factory_const(node, lambda: target(*args, **{**kwargs, "device": "meta"}), value)
+        self.no_symbols(node, value, what=" (as a fill value)")
+        return self._factory_const(
+            node, lambda: target(*self.probe(args), **{**self.probe(kwargs), "device": "meta"}), value)
 
     def _fill_like(self, node: fx.Node, target: Any, value: Any) -> _Value:
         x = self.meta_of(node.args[0])
         args, kwargs = self.arg(node.args[1:]), self.arg(node.kwargs)
         if target is torch.full_like:
             value = args[0] if args else kwargs.get("fill_value")
-        return self._factory_const(node, lambda: target(x, *args, **{**kwargs, "device": "meta"}), value)
+        self.no_symbols(node, value, what=" (as a fill value)")
+        return self._factory_const(
+            node, lambda: target(x, *self.probe(args), **{**self.probe(kwargs), "device": "meta"}), value)
 
     def _fill_new(self, node: fx.Node, value: Any) -> _Value:
         x = self.meta_of(node.args[0])
         args, kwargs = self.arg(node.args[1:]), self.arg(node.kwargs)
         if node.target == "new_full":
             value = args[1] if len(args) > 1 else kwargs.get("fill_value")
-        return self._factory_const(node, lambda: getattr(x, node.target)(*args, **{**kwargs, "device": "meta"}), value)
+        self.no_symbols(node, value, what=" (as a fill value)")
+        return self._factory_const(
+            node, lambda: getattr(x, node.target)(*self.probe(args), **{**self.probe(kwargs), "device": "meta"}), value)
 
     def _factory_const(self, node: fx.Node, make_meta: Callable[[], Tensor], value: Any) -> _Value:
         if isinstance(value, _Value) or not isinstance(value, (bool, int, float)):
@@ -583,6 +759,7 @@ class _Lifter:
         args, kwargs = self.arg(node.args), self.arg(node.kwargs)
         if _holds_value((args, kwargs)):
             raise NotLiftable(f"{node.name}: tensor() of lifted values")
+        self.no_symbols(node, args, kwargs)
         t = node.target(*args, **kwargs)
         if t.dim() == 0:
             return _const((), t.dtype, t.item())
@@ -627,7 +804,9 @@ class _Lifter:
             raise NotLiftable(f"{node.name}: view of a non-tensor")
         args, kwargs = self.arg(node.args[1:]), self.arg(node.kwargs)
         try:
-            meta = op(src.meta(), *args, **kwargs)
+            meta = op(src.meta(), *self.probe(args), **self.probe(kwargs))  # sizes: see Note [Symbolic sizes]
+        except NotLiftable:
+            raise
         except Exception as e:  # noqa: BLE001
             raise NotLiftable(f"{node.name} ({_op_name(node)}): {e}") from e
         if meta.dtype != src.dtype:
@@ -649,6 +828,7 @@ class _Lifter:
         n = len(src.shape)
         args = self.arg(node.args[1:])
         kwargs = self.arg(node.kwargs)
+        self.no_symbols(node, args, kwargs, what=" (as a dim)")
         perm = list(range(n))
         if kind == "permute":
             dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args or kwargs.get("dims")
@@ -671,7 +851,7 @@ class _Lifter:
         src = self.arg(node.args[0])
         if not isinstance(src, _Value):
             raise NotLiftable(f"{node.name}: expand of a non-tensor")
-        sizes = [int(s) for s in sizes]
+        sizes = [int(s) for s in self.probe(list(sizes))]  # see Note [Symbolic sizes]
         n, m = len(sizes), len(src.shape)
         if n < m:
             raise NotLiftable(f"{node.name}: expand to fewer dims")
@@ -711,6 +891,9 @@ class _Lifter:
             items[e:e + 1] = [slice(None)] * (m - consuming)
         else:
             items += [slice(None)] * (m - consuming)
+        # Dynamic shapes: which source dims have symbolic sizes, and the output shape Dynamo recorded
+        sym_dims = {i for i, x in enumerate(src.sym_shape or ()) if isinstance(x, torch.SymInt)}
+        ev = _compat.example_value(node)
         routes: list[tuple[int | None, int, int]] = []
         shape: list[int] = []
         d = 0
@@ -719,13 +902,30 @@ class _Lifter:
                 shape.append(1)
                 continue
             size = src.shape[d]
+            if isinstance(it, torch.SymInt) or (isinstance(it, slice) and _symbols_in((it.start, it.step))):
+                self.no_symbols(node, it, what=" (as an index or a slice start or step)")
             if isinstance(it, int):
                 if not -size <= it < size:
                     raise NotLiftable(f"{node.name}: index {it} out of range for size {size}")
+                if it < 0 and d in sym_dims:
+                    raise NotLiftable(f"{node.name}: index {it} counts from the end of a dynamic size")
                 routes.append((None, it % size, 0))
+            elif isinstance(it.stop, torch.SymInt):
+                # x[a:stop:c][i] is x[a + c * i] for every stop: the value does not depend on it, only
+                # the shape does, and Dynamo recorded that (stop clipped to the size under its guards).
+                start = 0 if it.start is None else it.start
+                step = 1 if it.step is None else it.step
+                if not (isinstance(start, int) and start >= 0 and isinstance(step, int) and step >= 1):
+                    raise NotLiftable(f"{node.name}: slice {it!r} with a dynamic stop and start {start}, step {step}")
+                if not isinstance(ev, Tensor) or len(ev.shape) != len([x for x in items if not isinstance(x, int)]):
+                    raise NotLiftable(f"{node.name}: slice with a dynamic stop and no recorded shape")
+                routes.append((len(shape), start, step))
+                shape.append(self.probe(ev.shape[len(shape)]))
             else:
                 if not all(x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in (it.start, it.stop, it.step)):
                     raise NotLiftable(f"{node.name}: slice {it!r} with non-integer bounds")
+                if d in sym_dims and it.start is not None and it.start < 0:
+                    raise NotLiftable(f"{node.name}: slice {it!r} starts from the end of a dynamic size")
                 start, stop, step = it.indices(size)
                 if step <= 0:
                     raise NotLiftable(f"{node.name}: slice step {step}")
@@ -739,6 +939,7 @@ class _Lifter:
         if not isinstance(src, _Value) or len(src.shape) < 2:
             raise NotLiftable(f"{node.name}: tril/triu of a non-matrix")
         diag = self.arg(node.args[1]) if len(node.args) > 1 else self.arg(node.kwargs.get("diagonal", 0))
+        self.no_symbols(node, diag, what=" (as the diagonal)")
         if not isinstance(diag, int):
             raise NotLiftable(f"{node.name}: diagonal {diag!r} is not an int")
         n = len(src.shape)
@@ -771,7 +972,9 @@ def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]
     """Lift each node (a tensor that broadcasts to the scores from the right) into an index function.
 
     Raises NotLiftable, with a reason for users, if any ancestor is not index arithmetic on shapes,
-    constants and buffers. Never mutates the graph.
+    constants and buffers. Never mutates the graph, and adds no guard to a dynamic-shape graph.
+    Under dynamic shapes the functions are right for every value of the size symbols (a use of a
+    symbol's value raises NotLiftable), and Lifted.shape may hold SymInts.
     """
     lifter = _Lifter(gm, example_inputs)
     out = []
@@ -789,7 +992,8 @@ def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]
         axes = frozenset(AXES[4 - n + d] for d in value.deps)
         fn.__name__ = fn.__qualname__ = _name_lifted(fn, value, axes)
         log.debug("lifted %s as %s, axes %s", node.name, fn.__name__, sorted(axes))
-        out.append(Lifted(fn, axes, value.shape, value.dtype))
+        shape = value.sym_shape if value.sym_shape is not None else value.shape
+        out.append(Lifted(fn, axes, shape, value.dtype))
     return out
 
 
@@ -809,7 +1013,8 @@ def _index_function(value: _Value) -> Callable[[Tensor, Tensor, Tensor, Tensor],
 def _name_lifted(fn: Callable[..., Tensor], value: _Value, axes: frozenset[str]) -> str:
     if "b" in axes or "h" in axes or len(value.shape) < 2:
         return "lifted_mask"
-    L, S = value.shape[-2], value.shape[-1]
+    # under dynamic shapes, named at the example's sizes (a name is never a proof)
+    L, S = _hint_shape(value.sym_shape if value.sym_shape is not None else value.shape)[-2:]
     if value.dtype == torch.bool:
         return name_mask(fn, L, S)
     # an additive mask: 0 where kept, a large negative where removed

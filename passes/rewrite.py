@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asam_compile import _compat
+from asam_compile import _compat, runtime
 from asam_compile.passes.match import AttentionMatch, Operand
 from asam_compile.report import GraphReport
 
@@ -42,7 +42,7 @@ class _Emitter:
         fargs = fx.node.map_arg(args, _compat.example_value)
         fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
         with _compat.fake_mode_from((fargs, fkwargs)) or contextlib.nullcontext():
-            if getattr(target, "__name__", "") == "flex_attention_call":
+            if target is runtime.flex_attention_call:
                 # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
                 q, k, v = fargs[:3]
                 if fkwargs.get("enable_gqa"):
@@ -100,8 +100,6 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
 
 def _emit_flex(gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node:
     """flex_attention_call(q, k, v, <block-mask tensors as graph constants>, mask_key=..., ...)."""
-    from asam_compile import runtime
-
     plan = m.flex_plan
     consts = []
     for field, tensor in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), plan.tensors):

@@ -295,3 +295,44 @@ def test_property_window_block_mask_is_exact(L, left, right, block):
         return
     assert cand.target == "flex", cand
     assert torch.equal(_keep_from_plan(cap.graphs[0], L, block), expected)
+
+
+def test_dynamic_shapes_structured_mask_keeps_dense_sdpa():
+    """dynamic=True: one graph serves several lengths. Flex under dynamic shapes is not built yet (Note
+    [Flex under dynamic shapes]); the site keeps SDPA with the dense mask, exact, with the reason reported."""
+    model = HFSlidingWindow(24)
+    compiled = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16}, dynamic=True)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for L in (40, 77, 130):
+            q, k, v = qkv(L, seed=L)
+            out = compiled(q, k, v)
+            ref = model(q.double(), k.double(), v.double())
+            err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
+            assert err <= 4 * err_eager + 1e-6, (L, err, err_eager)
+    assert 1 <= len(cap.graphs) <= 2, "dynamic=True should not recompile for every length"
+    assert count_flex(cap.graphs) == 0
+    assert all(c.target == "sdpa" and "dynamic shapes" in c.info["kernel"] for c in cap.report.rewritten), cap.report
+
+
+def test_inductor_failure_on_flex_retries_with_dense_sdpa(monkeypatch):
+    """If Inductor cannot compile a graph with our Flex call, the backend warns and compiles the SDPA
+    (dense mask) rewrite instead of the original graph."""
+    from asam_compile import _compat
+
+    real = _compat.compile_fx
+
+    def fails_on_flex(gm, *args, **kwargs):
+        if any(n.target is runtime.flex_attention_call for n in gm.graph.nodes):
+            raise RuntimeError("injected Flex lowering failure")
+        return real(gm, *args, **kwargs)
+
+    monkeypatch.setattr(_compat, "compile_fx", fails_on_flex)
+    model = HFSlidingWindow(48)
+    q, k, v = qkv(300)
+    with torch.no_grad(), asam_compile.capture() as cap, pytest.warns(RuntimeWarning, match="flex='never'"):
+        out = torch.compile(model, backend="asam", options={"flex": "always", "block_size": 16})(q, k, v)
+    ref = model(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    report = cap.reports[-1]
+    assert report.inductor_fallback and "injected" in report.inductor_fallback
+    assert [c.target for c in report.rewritten] == ["sdpa"]

@@ -190,7 +190,8 @@ def mask_node(gm: fx.GraphModule) -> tuple[fx.Node, tuple[int, ...]]:
 
 def real_value(gm: fx.GraphModule, example_inputs: list, node: fx.Node) -> torch.Tensor:
     interp = fx.Interpreter(gm, garbage_collect_values=False)
-    interp.run(*example_inputs)
+    # a dynamic-shape graph takes its sizes as inputs: the example's values
+    interp.run(*(x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs))
     return interp.env[node]
 
 
@@ -430,11 +431,174 @@ def test_not_liftable_names_the_runtime_input():
     assert "runtime input l_k_" in str(info.value)
 
 
-def test_not_liftable_dynamic_shapes():
-    gm, example_inputs = capture(HFCausal(), *qkv(), dynamic=True)
+# ------------------------------------------------------------------------------------- dynamic shapes
+# torch.compile(dynamic=True): one graph serves every length, so a lifted mask must be right at lengths other
+# than the example's. Each module keeps its mask code in mask(q, k) to give the eager reference at any length.
+
+
+class DynHFCausal(nn.Module):
+    """transformers 5 eager causal mask, finfo.min inline (as HF writes it)."""
+
+    def mask(self, q, k):
+        n_q, n_kv = q.shape[-2], k.shape[-2]
+        q_idx = torch.arange(n_q, device=q.device) + 0
+        kv_idx = torch.arange(n_kv, device=q.device) + 0
+        allowed = kv_idx[None, None, None, :] <= q_idx[None, None, :, None]
+        allowed = allowed.expand(q.shape[0], -1, n_q, n_kv)
+        return torch.where(allowed, torch.tensor(0.0, device=q.device, dtype=q.dtype), torch.finfo(q.dtype).min)
+
+    def forward(self, q, k, v):
+        return attend(q, k, v, mask=self.mask(q, k))
+
+
+class DynMistralSliding(nn.Module):
+    """Mistral sliding window with a python-int window: (kv > q - W) & (kv <= q)."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+
+    def mask(self, q, k):
+        n = q.shape[-2]
+        q_idx = (torch.arange(n, device=q.device) + 0)[None, None, :, None]
+        kv_idx = (torch.arange(n, device=q.device) + 0)[None, None, None, :]
+        allowed = q_idx.new_ones((), dtype=torch.bool)
+        allowed = allowed & (kv_idx > q_idx - self.window).to(q.device)
+        allowed = allowed & (kv_idx <= q_idx).to(q.device)
+        allowed = allowed.expand(q.shape[0], -1, n, n)
+        return torch.where(allowed, torch.tensor(0.0, device=q.device), torch.finfo(q.dtype).min)
+
+    def forward(self, q, k, v):
+        return attend(q, k, v, mask=self.mask(q, k))
+
+
+class DynNanoGPT(NanoGPT):
+    def mask(self, q, k):
+        T = q.size(-2)
+        return self.bias[:, :, :T, :T] == 0
+
+
+class DynHalfWindow(nn.Module):
+    """A window of half the sequence: the mask changes with the length, no fixed index function exists."""
+
+    def mask(self, q, k):
+        n = q.shape[-2]
+        pos = torch.arange(n, device=q.device)
+        return pos[None, :] > pos[:, None] - (n // 2)
+
+    def forward(self, q, k, v):
+        return attend(q, k, v, fill=(self.mask(q, k), True))
+
+
+class DynOffsetQueries(nn.Module):
+    """Queries at the end of the keys (a KV cache): q_idx = arange(Lq) + (Lkv - Lq) uses both lengths."""
+
+    def forward(self, q, k, v):
+        n_q, n_kv = q.shape[-2], k.shape[-2]
+        q_idx = torch.arange(n_q) + (n_kv - n_q)
+        return attend(q, k, v, fill=(torch.arange(n_kv)[None, :] <= q_idx[:, None], True))
+
+
+class DynCompareWithLength(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        pos = torch.arange(n)
+        return attend(q, k, v, fill=((pos[None, :] <= pos[:, None]) & (pos[None, :] < n - 1), True))
+
+
+class DynFullOfLength(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        return attend(q, k, v, fill=(torch.arange(n)[:, None] + torch.full((n, 1), n) >= torch.arange(n), True))
+
+
+LENGTHS = (17, 23, 40)  # <= the nanoGPT buffer (64); the example length is L = 24
+
+
+def assert_lifted_at_lengths(lifted: Lifted, reference) -> None:
+    """fn equals the eager mask on the full (b, h, q, kv) grid at lengths the example never had."""
+    for n in LENGTHS:
+        real = reference(n)
+        shape = (B, H, n, n)
+        for dtype in (torch.int64, torch.int32):
+            out = lifted.fn(*grids(shape, dtype))
+            assert out.dtype == real.dtype == lifted.dtype
+            assert torch.equal(out.expand(shape), real.expand(shape)), n
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [(DynHFCausal(), "causal"), (DynMistralSliding(8), "sliding_window_8"), (DynNanoGPT(), "lifted_mask")],
+    ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else "",
+)
+def test_lift_dynamic_shapes(module, name):
+    torch._dynamo.reset()
+    gm, example_inputs = capture(module, *qkv(), dynamic=True)
+    assert any(isinstance(x, torch.SymInt) for x in example_inputs)  # really symbolic
+    node, shape = mask_node(gm)
+    (lifted,) = lift([node], gm, example_inputs)
+    assert lifted.axes == {"q", "kv"} and lifted.fn.__name__ == name
+    assert isinstance(lifted.shape[-1], torch.SymInt) and isinstance(lifted.shape[-2], torch.SymInt)
+    assert lifted.shape[:2] in ((1, 1),) or isinstance(lifted.shape[0], torch.SymInt)
+    assert_lifted_equal(lifted, real_value(gm, example_inputs, node), (B, H, L, L))  # the example length
+    assert_lifted_at_lengths(lifted, lambda n: module.mask(*qkv(n)[:2]))
+
+
+def test_lift_dynamic_shapes_hf_transformers_models():
+    transformers = pytest.importorskip("transformers")
+    for cls, cfg_cls, extra, name in (
+        (transformers.LlamaForCausalLM, transformers.LlamaConfig, {}, "causal"),
+        (transformers.MistralForCausalLM, transformers.MistralConfig, {"sliding_window": 8}, "sliding_window_8"),
+    ):
+        cfg = cfg_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, attn_implementation="eager", **extra)
+        model = cls(cfg).eval()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            gm, example_inputs = capture(model, torch.randint(0, 64, (2, 20)), dynamic=True)
+        node, shape = mask_node(gm)
+        (lifted,) = lift([node], gm, example_inputs)
+        assert lifted.fn.__name__ == name and lifted.axes == {"q", "kv"}
+        assert isinstance(lifted.shape[-1], torch.SymInt)
+
+        seen = {}
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.__setitem__("mask", kwargs["attention_mask"]), with_kwargs=True)
+        try:
+            for n in LENGTHS:  # the model's own mask code, run eagerly at each length
+                with torch.no_grad():
+                    model(torch.randint(0, 64, (2, n)))
+                real = seen["mask"]
+                full = (2, cfg.num_attention_heads, n, n)
+                out = lifted.fn(*grids(full, torch.int32))
+                assert out.dtype == real.dtype
+                assert torch.equal(out.expand(full), real.expand(full)), (cls.__name__, n)
+        finally:
+            hook.remove()
+
+
+@pytest.mark.parametrize(
+    "module, inputs, reason",
+    [
+        (DynHalfWindow(), qkv(), r"sub \(torch.sub\) computes with the value of dynamic size \(s\d+//2\)"),
+        (DynOffsetQueries(), qkv(L, L + 8), r"computes with the value of dynamic size -s\d+ \+ s\d+"),
+        (DynCompareWithLength(), qkv(), r"computes with the value of dynamic size s\d+ - 1"),
+        (DynFullOfLength(), qkv(), r"value of dynamic size s\d+ \(as a fill value\)"),
+    ],
+    ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else "",
+)
+def test_not_liftable_dynamic_shapes(module, inputs, reason):
+    """A mask that uses a size symbol's value differs from length to length: no index function serves all."""
+    torch._dynamo.reset()
+    gm, example_inputs = capture(module, *inputs, dynamic=True)
     node, _ = mask_node(gm)
-    with pytest.raises(NotLiftable, match="dynamic shapes"):
+    with pytest.raises(NotLiftable, match=reason):
         lift([node], gm, example_inputs)
+    # the same module lifts when its shapes are static
+    torch._dynamo.reset()
+    gm, example_inputs = capture(module, *inputs)
+    node, _ = mask_node(gm)
+    lift([node], gm, example_inputs)
 
 
 # ------------------------------------------------------------------------------------- names
