@@ -13,10 +13,16 @@ log = logging.getLogger(__name__)
 # mask_mod functions of the block masks our graphs use, by key. Graph nodes carry the key (a string), so the
 # graph stays printable and its code readable; the function is looked up when Inductor traces the call.
 MASK_MODS: dict[str, Callable[..., Any]] = {}
+SCORE_MODS: dict[str, Callable[..., Any]] = {}
 
 
 def register_mask_mod(key: str, mask_mod: Callable[..., Any]) -> str:
     MASK_MODS[key] = mask_mod
+    return key
+
+
+def register_score_mod(key: str, score_mod: Callable[..., Any]) -> str:
+    SCORE_MODS[key] = score_mod
     return key
 
 
@@ -34,6 +40,7 @@ def flex_attention_call(
     seq_lengths: tuple[int, int],
     scale: float,
     enable_gqa: bool = False,
+    score_key: str | None = None,
 ) -> torch.Tensor:
     """flex_attention(q, k, v) with the BlockMask rebuilt from its kv-block tensors and registered mask_mod.
 
@@ -49,5 +56,6 @@ def flex_attention_call(
     with warnings.catch_warnings():
         # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        score_mod = SCORE_MODS[score_key] if score_key else None
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 

@@ -159,7 +159,9 @@ for _fn in (operator.add, operator.sub, operator.mul, operator.truediv, operator
             torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
             torch.true_divide, torch.floor_divide, torch.remainder, torch.fmod, torch.neg, torch.negative,
             torch.abs, torch.minimum, torch.maximum, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
-            torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor, torch.bitwise_not, torch.sign):
+            torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor, torch.bitwise_not, torch.sign,
+            # float maths on positions, for index-built biases (ALiBi slopes, log-spaced relative buckets)
+            operator.pow, torch.pow, torch.exp, torch.exp2, torch.log, torch.log2, torch.sqrt, torch.rsqrt):
     _ELEMENTWISE_KIND[_fn] = "arith"
 for _fn in (operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
             torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.less, torch.less_equal,

@@ -95,6 +95,7 @@ class FlexPlan:
     block_size: int
     seq_lengths: tuple[int, int]
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # kv_num_blocks, kv_indices, full_*
+    score_key: str | None = None  # key of the score_mod in asam_compile.runtime.SCORE_MODS, for biases
 
 
 class Rejection(Exception):
@@ -757,7 +758,8 @@ def match_attention(
         anc = _ancestors(mask_nodes)
         samples = _size_samples(anc) if _constant_inputs_ok(anc, config) else []
         kinds: set[str] = set()
-        flex_ok = bool(samples)  # the mask only removes keys and leaves no query row empty, at every sample
+        flex_ok = bool(samples)  # no query row is left without keys, at every sample
+        biased = False  # some additive values on kept positions are not 0: a score_mod carries them
         for subs in samples:
             key = (tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
                    tuple((fl.value, fl.mask_is_keep) for fl in scores.fills), tuple(sorted(map(str, subs.items()))))
@@ -781,14 +783,15 @@ def match_attention(
                 if mask_cache is not None:
                     mask_cache[key] = (kind, fully, exclusion_only)
             kinds.add(kind)
-            flex_ok = flex_ok and exclusion_only and not fully
+            flex_ok = flex_ok and not fully
+            biased = biased or not exclusion_only
             if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
         if "dense" in kinds and kinds <= {"dense", "causal", "none"} and flex_ok:  # causal at short lengths: fine
             try:
                 flex_plan = (
                     "Flex has no attention dropout" if dropout_p else
-                    _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache)
+                    _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache, biased)
                 )
             except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
                 if config.strict:
@@ -837,6 +840,31 @@ def match_attention(
     )
 
 
+# Note [Captured tensors in Flex]
+# lift() can read module buffers and tensor constants (nanoGPT's tril buffer, ALiBi slopes), and
+# build_block_mask evaluates such mask_mods fine. But when Inductor traces our runtime flex call,
+# FlexAttention traces the mask_mod/score_mod on fake tensors and a captured real tensor fails there
+# ("Please convert all Tensors to FakeTensors", torch 2.13). Passing them as extra graph inputs
+# (mask_mod_other_buffers) is the fix still to build; until then such sites keep SDPA.
+
+
+def _reads_tensors(nodes: set[fx.Node]) -> bool:
+    """Whether a mask subgraph reads a tensor's values from outside (a graph input, get_attr, literal)."""
+    for n in nodes:
+        val = _val(n)
+        if n.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor):
+            if not all(_is_size_read(u) for u in n.users):
+                return True
+        if _call(n, torch.tensor) and isinstance(val, torch.Tensor) and val.dim() > 0:
+            return True
+    return False
+
+
+def _is_size_read(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        _call(node, getattr) and node.args[1] in ("shape", "device", "dtype"))
+
+
 def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], cache: dict[Any, Any]) -> list[Any] | None:
     """The lifted index functions of the mask nodes, or None where they cannot be lifted."""
     from asam_compile.passes.lift import NotLiftable, lift
@@ -853,7 +881,7 @@ def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: 
 
 def _plan_flex(
     softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
-    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any],
+    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any], biased: bool = False,
 ) -> FlexPlan | str:
     """Lift a compile-time mask into a mask_mod, build its BlockMask and ask the cost model. Returns the
     plan, or the reason (a string) why the site keeps a dense mask."""
@@ -863,6 +891,9 @@ def _plan_flex(
 
     if config.flex == "never":
         return "flex='never'"
+    if _reads_tensors(_ancestors(mask_nodes)):
+        # Note [Captured tensors in Flex]
+        return "the mask reads a buffer or tensor constant, which our Flex call cannot capture yet"
     if qv.dim() != 4:
         # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
         # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
@@ -897,8 +928,33 @@ def _plan_flex(
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
     runtime.register_mask_mod(mask_key, keep_fn)
+    score_key = None
+    if biased:
+        # Note [Index-built score biases]
+        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, cache[("lift", tuple(mask_nodes))]))
+        reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors)
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key)
+
+
+# Note [Index-built score biases]
+# An additive mask whose values on kept positions are not all 0 (ALiBi, relative-position biases), when it
+# can be lifted, becomes two functions: keep(b, h, q, kv) = (sum of terms > LARGE_NEGATIVE) & fills, the
+# block mask's mask_mod, and bias(b, h, q, kv) = sum of the scaled terms, added by a score_mod:
+# flex computes q.k * scale + bias, the same order as SDPA's q.k * scale + attn_mask.
+
+
+def _lifted_bias(scores: _Scores, lifted: list[Any]) -> Any:
+    """score_mod(score, b, h, q, kv) = score + the additive terms at (b, h, q, kv)."""
+    terms = list(zip(scores.terms, lifted[: len(scores.terms)]))
+
+    def lifted_bias(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        for t, lf in terms:
+            v = lf.fn(b, h, q, kv).to(score.dtype) * t.factor
+            score = score - v if t.negate else score + v
+        return score
+
+    return lifted_bias
 
 
 def _lifted_keep(scores: _Scores, lifted: list[Any]) -> tuple[Any, frozenset[str]]:
@@ -971,6 +1027,8 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             }
             if isinstance(m.flex_plan, FlexPlan):
                 cand.info["density"] = round(m.flex_plan.density, 3)
+                if m.flex_plan.score_key:
+                    cand.info["score_mod"] = "lifted_bias"
                 cand.info["kernel"] = f"{m.flex_plan.kernel}: {m.flex_plan.reason}"
             elif isinstance(m.flex_plan, str):
                 cand.info["kernel"] = f"sdpa: {m.flex_plan}"

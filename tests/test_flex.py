@@ -336,3 +336,66 @@ def test_inductor_failure_on_flex_retries_with_dense_sdpa(monkeypatch):
     report = cap.reports[-1]
     assert report.inductor_fallback and "injected" in report.inductor_fallback
     assert [c.target for c in report.rewritten] == ["sdpa"]
+
+
+class ALiBiCausal(nn.Module):
+    """ALiBi: a per-head linear bias of the key distance, from a slopes buffer, plus a causal mask."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)]))
+
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        i = torch.arange(L)
+        dist = (i[None, :] - i[:, None]).float()  # kv - q, <= 0 on kept positions
+        bias = self.slopes[:, None, None] * dist[None]
+        causal = torch.triu(torch.full((L, L), float("-inf")), 1)
+        att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias + causal
+        return att.softmax(-1) @ v
+
+
+class ALiBiCausalInline(ALiBiCausal):
+    """ALiBi with the slopes computed in forward from the head count (no buffer)."""
+
+    def forward(self, q, k, v):
+        H, L = q.shape[1], q.shape[-2]
+        slopes = torch.exp2(-8.0 * (torch.arange(H) + 1) / H)
+        i = torch.arange(L)
+        bias = slopes[:, None, None] * (i[None, :] - i[:, None])[None]
+        causal = torch.triu(torch.full((L, L), float("-inf")), 1)
+        att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias + causal
+        return att.softmax(-1) @ v
+
+
+def test_alibi_bias_becomes_a_flex_score_mod_and_matches_float64():
+    model = ALiBiCausalInline(heads=2)
+    q, k, v = qkv(150)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+    (cand,) = cap.report.candidates
+    assert cand.target == "flex" and cand.info.get("score_mod") == "lifted_bias", cand
+    assert count_flex(cap.graphs) == 1
+    ref = model(q.double(), k.double(), v.double())
+    err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
+    assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
+def test_alibi_from_a_buffer_keeps_sdpa_with_reason():
+    """Note [Captured tensors in Flex]: a bias read from a module buffer stays a dense SDPA mask, exactly."""
+    model = ALiBiCausal(heads=2)
+    q, k, v = qkv(150)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+    (cand,) = cap.report.candidates
+    assert cand.target == "sdpa" and "buffer" in cand.info["kernel"], cand
+    ref = copy.deepcopy(model).double()(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max().item() <= 4 * (model(q, k, v).double() - ref).abs().max().item() + 1e-6
+
+
+def test_alibi_with_flex_never_is_a_dense_sdpa_mask():
+    model = ALiBiCausal(heads=2)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        torch.compile(model, backend="asam", options={"strict": True, "flex": "never"})(*qkv(64))
+    (cand,) = cap.report.candidates
+    assert cand.target == "sdpa" and cand.info["mask"] == "dense"
