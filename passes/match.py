@@ -1019,7 +1019,7 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             # "matched" until the rewrite pass has run (a dry run with disable_passes=("rewrite",) stays so)
             cand.status, cand.target = "matched", ("flex" if m.mask_kind == "flex" else "sdpa")
             cand.info = {
-                "mask": m.mask_kind if m.mask_kind != "flex" else f"flex:{m.flex_plan.name}",
+                "mask": f"{m.mask_kind}:{m.flex_plan.name}" if isinstance(m.flex_plan, FlexPlan) else m.mask_kind,
                 "is_causal": m.mask_kind == "causal",
                 "enable_gqa": m.enable_gqa,
                 "dropout_p": m.dropout_p,
