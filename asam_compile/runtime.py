@@ -14,11 +14,17 @@ log = logging.getLogger(__name__)
 # graph stays printable and its code readable; the function is looked up when Inductor traces the call.
 MASK_MODS: dict[str, Callable[..., Any]] = {}
 SCORE_MODS: dict[str, Callable[..., Any]] = {}
+# Captured tensors of those functions (passes.lift.Capture), by mask key; see Note [Captured tensors in Flex].
+CAPTURES: dict[str, tuple[Any, ...]] = {}
 
 
 def register_mask_mod(key: str, mask_mod: Callable[..., Any]) -> str:
     MASK_MODS[key] = mask_mod
     return key
+
+
+def register_captures(key: str, captures: tuple[Any, ...]) -> None:
+    CAPTURES[key] = tuple(captures)
 
 
 def register_score_mod(key: str, score_mod: Callable[..., Any]) -> str:
@@ -34,7 +40,7 @@ def flex_attention_call(
     kv_indices: torch.Tensor,
     full_kv_num_blocks: torch.Tensor,
     full_kv_indices: torch.Tensor,
-    *,
+    *captured: torch.Tensor,
     mask_key: str,
     block_size: int,
     seq_lengths: tuple[int, int],
@@ -53,9 +59,18 @@ def flex_attention_call(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
         BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),
     )
-    with warnings.catch_warnings():
-        # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        score_mod = SCORE_MODS[score_key] if score_key else None
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    holders = CAPTURES.get(mask_key, ())
+    saved = [h.tensor for h in holders]
+    try:
+        # Note [Captured tensors in Flex] in passes/match.py: read this call's (traced) tensors
+        for holder, tensor in zip(holders, captured):
+            holder.tensor = tensor
+        with warnings.catch_warnings():
+            # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            score_mod = SCORE_MODS[score_key] if score_key else None
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    finally:
+        for holder, tensor in zip(holders, saved):
+            holder.tensor = tensor
 

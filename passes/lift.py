@@ -56,6 +56,8 @@ class Lifted:
     # shapes its entries may be SymInts (e.g. (s0, 1, s1, s1)); fn is right for every value of them.
     shape: tuple[int | torch.SymInt, ...] = ()
     dtype: torch.dtype = torch.bool  # the node's dtype; fn returns this dtype
+    # Tensors fn reads (buffers, constants) with the nodes that make them, shared by all nodes of one lift()
+    captures: tuple["Capture", ...] = ()
 
 
 # Note [Lifted values]
@@ -106,12 +108,25 @@ def _const(shape: Sequence[int], dtype: torch.dtype, value: Any) -> _Value:
     return _Value(tuple(shape), dtype, frozenset(), const)
 
 
-def _captured(t: Tensor) -> _Value:
-    """A real tensor (a module buffer, a constant) read at the index: FlexAttention supports captured tensors."""
+@dataclasses.dataclass(eq=False)
+class Capture:
+    """A tensor a lifted function reads (a module buffer, a tensor constant), and the graph node that makes
+    it. `tensor` is the real value at compile time; whoever runs the function inside a traced graph rebinds
+    it to that node's traced value (see Note [Captured tensors in Flex] in passes/match.py)."""
+
+    node: fx.Node | None
+    tensor: Tensor
+
+
+def _captured(t: Tensor, node: fx.Node | None = None, sink: list[Capture] | None = None) -> _Value:
+    """A tensor read at the index: FlexAttention supports captured tensors."""
     dims = [d for d in range(t.dim()) if t.shape[d] > 1]
-    sq = t.squeeze()  # a view: a later in-place edit of a buffer is seen, as in the original program
+    holder = Capture(node, t)
+    if sink is not None and node is not None:
+        sink.append(holder)
 
     def captured(idx: _Index, ref: Tensor) -> Tensor:
+        sq = holder.tensor.squeeze()  # a view: a later in-place edit of a buffer is seen, as in the original
         if not dims:
             return sq
         return sq[tuple(idx[d] for d in dims)]
@@ -366,6 +381,7 @@ class _Lifter:
         self.inputs = dict(zip(placeholders, example_inputs))
         self.env: dict[fx.Node, Any] = {}
         self.standins: dict[Any, int] = {}  # size symbol -> stand-in, see Note [Symbolic sizes]
+        self.captures: list[Capture] = []  # tensors the lifted functions read, with their nodes
 
     # -- values ------------------------------------------------------------------------------------
 
@@ -496,7 +512,7 @@ class _Lifter:
             return self._placeholder(node)
         if node.op == "get_attr":
             obj = _fetch_attr(self.gm, node.target)
-            return _captured(obj) if isinstance(obj, Tensor) else obj
+            return _captured(obj, node, self.captures) if isinstance(obj, Tensor) else obj
         if node.op not in ("call_function", "call_method"):
             raise NotLiftable(f"{node.name} is a {node.op} node")
         t = node.target
@@ -612,7 +628,7 @@ class _Lifter:
         if kind == "buffer":
             if not isinstance(x, Tensor) or _is_fake(x):
                 raise NotLiftable(f"the value of buffer {node.name} is not available")
-            return _captured(x)
+            return _captured(x, node, self.captures)
         if kind == "parameter":
             raise NotLiftable(f"reads the values of parameter {node.name}")
         raise NotLiftable(f"reads the values of runtime input {node.name}")
@@ -638,7 +654,7 @@ class _Lifter:
             call = target
         if not any(isinstance(a, _Value) for a in [*args, *kwargs.values()]):
             out = call(*args, **kwargs)  # python numbers only (size arithmetic)
-            return _captured(out) if isinstance(out, Tensor) else out
+            return _captured(out, node, self.captures) if isinstance(out, Tensor) else out
         self.no_symbols(node, args, kwargs)
 
         meta_args = [a.meta() if isinstance(a, _Value) else a for a in args]
@@ -765,7 +781,7 @@ class _Lifter:
         t = node.target(*args, **kwargs)
         if t.dim() == 0:
             return _const((), t.dtype, t.item())
-        return _captured(t)
+        return _captured(t, node, self.captures)
 
     # -- views -----------------------------------------------------------------------------------------
 
@@ -995,7 +1011,7 @@ def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]
         fn.__name__ = fn.__qualname__ = _name_lifted(fn, value, axes)
         log.debug("lifted %s as %s, axes %s", node.name, fn.__name__, sorted(axes))
         shape = value.sym_shape if value.sym_shape is not None else value.shape
-        out.append(Lifted(fn, axes, shape, value.dtype))
+        out.append(Lifted(fn, axes, shape, value.dtype, tuple(lifter.captures)))
     return out
 
 

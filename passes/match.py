@@ -96,6 +96,7 @@ class FlexPlan:
     seq_lengths: tuple[int, int]
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # kv_num_blocks, kv_indices, full_*
     score_key: str | None = None  # key of the score_mod in asam_compile.runtime.SCORE_MODS, for biases
+    capture_nodes: tuple[fx.Node, ...] = ()  # nodes of the tensors the mask/score functions read
 
 
 class Rejection(Exception):
@@ -841,28 +842,12 @@ def match_attention(
 
 
 # Note [Captured tensors in Flex]
-# lift() can read module buffers and tensor constants (nanoGPT's tril buffer, ALiBi slopes), and
-# build_block_mask evaluates such mask_mods fine. But when Inductor traces our runtime flex call,
-# FlexAttention traces the mask_mod/score_mod on fake tensors and a captured real tensor fails there
-# ("Please convert all Tensors to FakeTensors", torch 2.13). Passing them as extra graph inputs
-# (mask_mod_other_buffers) is the fix still to build; until then such sites keep SDPA.
-
-
-def _reads_tensors(nodes: set[fx.Node]) -> bool:
-    """Whether a mask subgraph reads a tensor's values from outside (a graph input, get_attr, literal)."""
-    for n in nodes:
-        val = _val(n)
-        if n.op in ("placeholder", "get_attr") and isinstance(val, torch.Tensor):
-            if not all(_is_size_read(u) for u in n.users):
-                return True
-        if _call(n, torch.tensor) and isinstance(val, torch.Tensor) and val.dim() > 0:
-            return True
-    return False
-
-
-def _is_size_read(node: fx.Node) -> bool:
-    return (node.op == "call_method" and node.target in ("size", "dim")) or (
-        _call(node, getattr) and node.args[1] in ("shape", "device", "dtype"))
+# lift() can read module buffers and tensor constants (a tril buffer, ALiBi slopes). At compile time
+# build_block_mask runs the lifted functions on the real tensors. When Inductor traces our runtime flex
+# call, FlexAttention traces mask_mod/score_mod on fake tensors, where a captured real tensor fails
+# ("Please convert all Tensors to FakeTensors", torch 2.13). So the nodes that make those tensors are
+# passed to the flex call as extra graph arguments, and the call rebinds each lift.Capture to its traced
+# value while FlexAttention traces; the closures then capture graph values, which Flex supports.
 
 
 def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], cache: dict[Any, Any]) -> list[Any] | None:
@@ -891,9 +876,6 @@ def _plan_flex(
 
     if config.flex == "never":
         return "flex='never'"
-    if _reads_tensors(_ancestors(mask_nodes)):
-        # Note [Captured tensors in Flex]
-        return "the mask reads a buffer or tensor constant, which our Flex call cannot capture yet"
     if qv.dim() != 4:
         # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
         # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
@@ -928,13 +910,16 @@ def _plan_flex(
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
     runtime.register_mask_mod(mask_key, keep_fn)
+    captures = cache[("lift", tuple(mask_nodes))][0].captures if cache.get(("lift", tuple(mask_nodes))) else ()
+    runtime.register_captures(mask_key, captures)
     score_key = None
     if biased:
         # Note [Index-built score biases]
         score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, cache[("lift", tuple(mask_nodes))]))
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key)
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
+                    tuple(c.node for c in captures))
 
 
 # Note [Index-built score biases]

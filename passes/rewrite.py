@@ -112,7 +112,7 @@ def _emit_flex(gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node
         node.meta["example_value"] = mode.from_tensor(tensor) if mode is not None else tensor
         consts.append(node)
     return emit(
-        runtime.flex_attention_call, q, k, v, *consts, mask_key=plan.key, block_size=plan.block_size,
+        runtime.flex_attention_call, q, k, v, *consts, *plan.capture_nodes, mask_key=plan.key, block_size=plan.block_size,
         seq_lengths=plan.seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa, score_key=plan.score_key,
     )
 

@@ -381,14 +381,41 @@ def test_alibi_bias_becomes_a_flex_score_mod_and_matches_float64():
     assert err <= 4 * err_eager + 1e-6, (err, err_eager)
 
 
-def test_alibi_from_a_buffer_keeps_sdpa_with_reason():
-    """Note [Captured tensors in Flex]: a bias read from a module buffer stays a dense SDPA mask, exactly."""
+def test_alibi_from_a_buffer_becomes_a_score_mod_reading_the_buffer():
+    """Note [Captured tensors in Flex]: slopes kept in a module buffer reach the score_mod as a graph input."""
     model = ALiBiCausal(heads=2)
     q, k, v = qkv(150)
     with torch.no_grad(), asam_compile.capture() as cap:
         out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
     (cand,) = cap.report.candidates
-    assert cand.target == "sdpa" and "buffer" in cand.info["kernel"], cand
+    assert cand.target == "flex" and cand.info.get("score_mod") == "lifted_bias", cand
+    (call,) = [n for gm in cap.graphs for n in gm.graph.nodes if n.target is runtime.flex_attention_call]
+    assert len(call.args) == 8, "q, k, v, four block-mask tensors and the slopes buffer"
+    ref = copy.deepcopy(model).double()(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max().item() <= 4 * (model(q, k, v).double() - ref).abs().max().item() + 1e-6
+
+
+class BufferWindow(nn.Module):
+    """A non-causal local window kept in a module buffer and sliced, nanoGPT style."""
+
+    def __init__(self, T: int = 256, left: int = 9) -> None:
+        super().__init__()
+        i = torch.arange(T)
+        self.register_buffer("window", ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - left)).view(1, 1, T, T))
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        att = att.masked_fill(~self.window[:, :, :T, :T], float("-inf"))
+        return att.softmax(-1) @ v
+
+
+def test_buffer_window_through_flex_matches_float64():
+    model = BufferWindow()
+    q, k, v = qkv(200)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+    assert count_flex(cap.graphs) == 1, cap.report
     ref = copy.deepcopy(model).double()(q.double(), k.double(), v.double())
     assert (out.double() - ref).abs().max().item() <= 4 * (model(q, k, v).double() - ref).abs().max().item() + 1e-6
 
