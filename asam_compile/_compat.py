@@ -72,14 +72,6 @@ def example_value(node: fx.Node) -> Any:
     return meta.get("val")
 
 
-def fake_mode_of(gm: fx.GraphModule):
-    """The FakeTensorMode Dynamo traced this graph with."""
-    from torch._guards import detect_fake_mode
-
-    vals = [example_value(n) for n in gm.graph.nodes]
-    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-
-
 def fake_mode_from(values: Any):
     """The FakeTensorMode of the first fake tensor among `values` (nested), or None."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -204,9 +196,3 @@ def fuse_attention_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["fuse_attention"])
-
-
-def inductor_counters() -> Any:
-    from torch._dynamo.utils import counters
-
-    return counters

@@ -772,7 +772,7 @@ def match_attention(
                     # L x S mask is made at compile time. Otherwise (or if the mask cannot be lifted) run
                     # the mask subgraph itself once.
                     vals = _lift_cached(mask_nodes, gm, example_inputs, mask_cache) if subs == {} and rank == 4 else None
-                    if vals is None:
+                    if not isinstance(vals, list):
                         vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
                     kind, fully, exclusion_only = _classify_mask(
                         scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs), device=sv.device)
@@ -850,8 +850,9 @@ def match_attention(
 # value while FlexAttention traces; the closures then capture graph values, which Flex supports.
 
 
-def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], cache: dict[Any, Any]) -> list[Any] | None:
-    """The lifted index functions of the mask nodes, or None where they cannot be lifted."""
+def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], cache: dict[Any, Any]) -> list[Any] | str:
+    """The lifted index functions of the mask nodes, or the reason (a string) why they cannot be lifted.
+    Lifted once per graph: layers share one mask node."""
     from asam_compile.passes.lift import NotLiftable, lift
 
     key = ("lift", tuple(mask_nodes))
@@ -860,7 +861,7 @@ def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: 
             cache[key] = lift(mask_nodes, gm, example_inputs)
         except NotLiftable as e:
             log.debug("mask %s not lifted: %s", [n.name for n in mask_nodes], e)
-            cache[key] = None
+            cache[key] = f"mask not liftable: {e}"
     return cache[key]
 
 
@@ -872,7 +873,7 @@ def _plan_flex(
     plan, or the reason (a string) why the site keeps a dense mask."""
     from asam_compile import cost, runtime
     from asam_compile.block_mask import build_block_mask
-    from asam_compile.passes.lift import NotLiftable, lift, name_mask
+    from asam_compile.passes.lift import name_mask
 
     if config.flex == "never":
         return "flex='never'"
@@ -880,28 +881,19 @@ def _plan_flex(
         # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
         # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
         return "Flex is used for 4-D attention only"
+    if any(isinstance(d, torch.SymInt) for d in qv.shape):
+        return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
+    lifted = _lift_cached(mask_nodes, gm, example_inputs, cache)
+    if isinstance(lifted, str):
+        return lifted
     key = ("flex", tuple(mask_nodes), tuple((t.factor, t.negate) for t in scores.terms),
            tuple((fl.value, fl.mask_is_keep) for fl in scores.fills))
     if key not in cache:
-        try:
-            lifted = lift(mask_nodes, gm, example_inputs)
-        except NotLiftable as e:
-            cache[key] = f"mask not liftable: {e}"
-        else:
-            cache[key] = _lifted_keep(scores, lifted)
-            cache[("lift", tuple(mask_nodes))] = lifted
-    keep = cache[key]
-    if isinstance(keep, str):
-        return keep
-    keep_fn, axes = keep
-    if any(isinstance(d, torch.SymInt) for d in qv.shape):
-        return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
-    shape = _concrete(qv.shape, {})
-    B, H = (shape[0] if qv.dim() == 4 else 1), shape[-3]
-    L, S, E = shape[-2], shape[-1], int(sv.shape[-1])
+        cache[key] = _lifted_keep(scores, lifted)
+    keep_fn, axes = cache[key]
+    B, H, L, S = (int(d) for d in qv.shape)
+    E = int(sv.shape[-1])
     Bm, Hm = (B if "b" in axes else 1), (H if "h" in axes else 1)
-    if qv.dim() == 3:
-        Bm, Hm = 1, (H if ("b" in axes or "h" in axes) else 1)
     device = sv.device
     name = name_mask(keep_fn, L, S)
     mask_key = f"{name}_{abs(hash((id(gm), key))) % 10**8}"
@@ -910,12 +902,12 @@ def _plan_flex(
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
     runtime.register_mask_mod(mask_key, keep_fn)
-    captures = cache[("lift", tuple(mask_nodes))][0].captures if cache.get(("lift", tuple(mask_nodes))) else ()
+    captures = lifted[0].captures if lifted else ()
     runtime.register_captures(mask_key, captures)
     score_key = None
     if biased:
         # Note [Index-built score biases]
-        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, cache[("lift", tuple(mask_nodes))]))
+        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
