@@ -779,7 +779,8 @@ def match_attention(
                     del vals
                 except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate stays dense
                     log.debug("mask of %s not evaluated at %s: %s", softmax.name, subs, e, exc_info=True)
-                    kinds = {"dense"}
+                    # nothing is known about its rows: no Flex, and the run-time fully-masked-row fix-up
+                    kinds, flex_ok, fixup = {"dense"}, False, _runtime_fixup(scores)
                     break
                 if mask_cache is not None:
                     mask_cache[key] = (kind, fully, exclusion_only)

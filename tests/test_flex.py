@@ -426,3 +426,24 @@ def test_alibi_with_flex_never_is_a_dense_sdpa_mask():
         torch.compile(model, backend="asam", options={"strict": True, "flex": "never"})(*qkv(64))
     (cand,) = cap.report.candidates
     assert cand.target == "sdpa" and cand.info["mask"] == "dense"
+
+
+def test_mask_that_cannot_be_evaluated_keeps_dense_sdpa_with_row_fixup(monkeypatch):
+    """If the compile-time mask analysis fails, the site keeps a dense SDPA mask with the run-time
+    fully-masked-row fix-up (never Flex, whose empty rows would differ from the original's)."""
+    from asam_compile.passes import match
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected classification failure")
+
+    monkeypatch.setattr(match, "_classify_mask", broken)
+    model = HFSlidingWindow(48)
+    q, k, v = qkv(300)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always"})(q, k, v)
+    (cand,) = cap.report.rewritten
+    assert cand.target == "sdpa" and cand.info["mask"] == "dense", cand.info
+    (gm,) = cap.graphs
+    assert any(n.target is torch.isneginf for n in gm.graph.nodes), "the run-time row fix-up is missing"
+    ref = model(q.double(), k.double(), v.double())
+    assert (out.double() - ref).abs().max().item() <= 4 * (model(q, k, v).double() - ref).abs().max().item() + 1e-6
