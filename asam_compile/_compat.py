@@ -48,8 +48,17 @@ def _cache_marker(cache_key: str, existing: Any):
     return AsamCacheMarker()
 
 
-def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None, cache_key: str = ""):
-    """Inductor's entry point, as torch.compile(backend="inductor") calls it, with our cache marker."""
+def compile_fx(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    cache_key: str = "",
+    use_cache: bool = True,
+):
+    """Inductor's entry point, as torch.compile(backend="inductor") calls it, with our cache marker.
+
+    use_cache=False keeps this compile out of Inductor's FX graph cache (neither read nor written).
+    """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
@@ -59,6 +68,8 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | No
 
         config_patches.update(list_mode_options(mode))
     config_patches["joint_custom_pre_pass"] = _cache_marker(cache_key, inductor_config.joint_custom_pre_pass)
+    if not use_cache:
+        config_patches["fx_graph_cache"] = False
     return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
@@ -136,9 +147,34 @@ def _sfdp_entries(patterns) -> list[tuple[Any, Any]]:
     found = []
     for key, entries in patterns.patterns.items():
         for entry in entries:
-            if str(getattr(entry, "pattern_name", "") or "").startswith("_sfdp"):
+            if str(getattr(entry, "pattern_name", "") or "").startswith("_sfdp") or _from_fuse_attention(
+                getattr(entry, "extra_check", None)
+            ):
                 found.append((key, entry))
     return found
+
+
+_FUSE_ATTENTION = "torch._inductor.fx_passes.fuse_attention"
+
+
+def _from_fuse_attention(fn: Any, depth: int = 0) -> bool:
+    """Whether a pattern's check function is, or closes over, a function of fuse_attention.py.
+
+    torch 2.13 names its entries (`pattern_name="_sfdp_..."`); torch 2.11 does not, but its
+    register_replacement check_fn closes over fuse_attention's own extra_check (measured on both).
+    """
+    if fn is None or depth > 2:
+        return False
+    if getattr(fn, "__module__", None) == _FUSE_ATTENTION:
+        return True
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(value) and _from_fuse_attention(value, depth + 1):
+            return True
+    return False
 
 
 @contextlib.contextmanager

@@ -131,8 +131,7 @@ def asam_backend(
     try:
         pristine = _compat.copy_graph_module(new_gm)  # compile_fx consumes what it is given
         before = _compat.fuse_attention_count()
-        with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-            compiled = _compat.compile_fx(new_gm, example_inputs, mode, _cache_key(config))
+        compiled = _compile(new_gm, example_inputs, mode, config)
         if config.disable_inductor_sfdp and _compat.fuse_attention_count() > before:
             # Note [Inductor's attention pass]: the patterns were not all found; never keep their result.
             _warn_once(
@@ -157,8 +156,7 @@ def asam_backend(
             try:
                 dense_config = dataclasses.replace(config, flex="never")
                 dense_gm, dense_report = run_passes(gm, example_inputs, dense_config)
-                with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-                    compiled = _compat.compile_fx(dense_gm, example_inputs, mode, _cache_key(dense_config))
+                compiled = _compile(dense_gm, example_inputs, mode, dense_config)
                 report.candidates = dense_report.candidates
                 return compiled
             except Exception:  # noqa: BLE001 - fall through to the original graph
@@ -168,8 +166,21 @@ def asam_backend(
             f"asam_compile: Inductor failed on the rewritten graph ({type(e).__name__}: {e}); "
             "retrying with the original graph.",
         )
-        with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)):
-            return _compat.compile_fx(gm, example_inputs, mode, _cache_key(config))
+        return _compile(gm, example_inputs, mode, config)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None, config: AsamConfig):
+    """compile_fx with Inductor's attention patterns taken out (Note [Inductor's attention pass]).
+
+    How many patterns were taken out is part of the cache key: where none could be found (an Inductor
+    whose entries we cannot recognise), Inductor's FX graph cache is off for the compile, so a graph that
+    its patterns rewrote is never stored and never served back without the fire being seen
+    (Note [FX graph cache]).
+    """
+    with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)) as removed:
+        key = f"{_cache_key(config)}:sfdp-{removed}"
+        use_cache = not (config.disable_inductor_sfdp and removed == 0)
+        return _compat.compile_fx(gm, example_inputs, mode, key, use_cache=use_cache)
 
 
 def _cache_key(config: AsamConfig) -> str:
@@ -239,3 +250,7 @@ class _Dumper:
 # served to us from the cache. A do-nothing joint_custom_pre_pass whose uuid() holds our version and
 # options puts both into the key, so asam's entries are apart from plain Inductor's and from each other,
 # and stay cacheable (a custom pass without a uuid() would bypass the cache).
+# The key also holds how many of Inductor's attention patterns we took out. Where that is 0 (an Inductor
+# whose entries we could not recognise: torch 2.11 before we read their check functions), a fire could be
+# stored in the cache and later served back without the counter moving, so such compiles bypass the cache
+# and the fire check in asam_backend always sees the truth.
