@@ -54,10 +54,14 @@ def compile_fx(
     mode: str | None = None,
     cache_key: str = "",
     use_cache: bool = True,
+    flex_on_cpu: bool = False,
 ):
     """Inductor's entry point, as torch.compile(backend="inductor") calls it, with our cache marker.
 
     use_cache=False keeps this compile out of Inductor's FX graph cache (neither read nor written).
+    flex_on_cpu=True turns off epilogue fusion into templates: Inductor's CPU scheduler fuses pointwise
+    ops into its FlexAttention template, whose render then raises "Unsupported for `epilogue_nodes` in
+    CppFlexAttentionTemplate" (torch 2.13). On CPU the default matmuls are not templates, so little is lost.
     """
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx as _compile_fx
@@ -70,6 +74,8 @@ def compile_fx(
     config_patches["joint_custom_pre_pass"] = _cache_marker(cache_key, inductor_config.joint_custom_pre_pass)
     if not use_cache:
         config_patches["fx_graph_cache"] = False
+    if flex_on_cpu:
+        config_patches["epilogue_fusion"] = False
     return _compile_fx(gm, list(example_inputs), config_patches=config_patches)
 
 
@@ -232,3 +238,22 @@ def fuse_attention_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["fuse_attention"])
+
+
+def compiled_frame_module() -> Any:
+    """The nn.Module whose method Dynamo is compiling right now (the frame's `self`), or None.
+
+    Dynamo's nn_module_stack records the modules called from the compiled frame, never the frame's own
+    module: `torch.compile(module)` compiles module.forward, whose `self` is only in the frame's locals.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        code = tx.f_code
+        if code.co_argcount < 1:
+            return None
+        first = tx.f_locals.get(code.co_varnames[0])
+    except Exception:  # noqa: BLE001 - not inside Dynamo, or another torch: no root module known
+        return None
+    return first if isinstance(first, torch.nn.Module) else None

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from asam_compile import _compat
+from asam_compile import _compat, adaptive, runtime
 from asam_compile.config import AsamConfig
 from asam_compile.report import GraphReport, Report
 
@@ -146,15 +146,15 @@ def asam_backend(
         if config.strict or not report.rewritten:
             raise
         report.inductor_fallback = f"{type(e).__name__}: {e}"
-        if any(c.target == "flex" for c in report.rewritten):
-            # Flex is the newest path: before giving up on the rewrite, try SDPA with dense masks.
+        if any(c.target in ("flex", "adaptive") for c in report.rewritten):
+            # Flex is the newest path: before giving up on the rewrite, try SDPA (exact, dense masks).
             _warn_once(
                 f"inductor-flex:{type(e).__name__}",
                 f"asam_compile: Inductor failed on a graph with Flex attention ({type(e).__name__}: {e}); "
-                "retrying with flex='never' (SDPA with dense masks).",
+                "retrying with flex='never' and allow_sparse=False (exact SDPA with dense masks).",
             )
             try:
-                dense_config = dataclasses.replace(config, flex="never")
+                dense_config = dataclasses.replace(config, flex="never", allow_sparse=False)
                 dense_gm, dense_report = run_passes(gm, example_inputs, dense_config)
                 compiled = _compile(dense_gm, example_inputs, mode, dense_config)
                 report.candidates = dense_report.candidates
@@ -180,7 +180,10 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
     with _compat.inductor_sfdp_disabled(config.disable_inductor_sfdp, _devices(example_inputs)) as removed:
         key = f"{_cache_key(config)}:sfdp-{removed}"
         use_cache = not (config.disable_inductor_sfdp and removed == 0)
-        return _compat.compile_fx(gm, example_inputs, mode, key, use_cache=use_cache)
+        flex_on_cpu = any(d.type == "cpu" for d in _devices(example_inputs)) and any(
+            n.target in (runtime.flex_attention_call, adaptive.adaptive_attention_call) for n in gm.graph.nodes
+        )
+        return _compat.compile_fx(gm, example_inputs, mode, key, use_cache=use_cache, flex_on_cpu=flex_on_cpu)
 
 
 def _cache_key(config: AsamConfig) -> str:

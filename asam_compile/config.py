@@ -10,7 +10,11 @@ from typing import Any, Mapping
 ENV_DUMP_DIR = "ASAM_DUMP_DIR"
 ENV_STRICT = "ASAM_STRICT"
 
-MODES = ("exact",)
+MODES = ("exact", "adaptive")
+
+# The adaptive sparse settings (Note [Adaptive sparse attention] in asam_compile/adaptive.py). The same
+# names are options of the backend and keywords of asam_compile.sparse(...).
+SPARSE_FIELDS = ("block_size", "coverage", "max_density", "min_seq_len", "window", "sinks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +22,8 @@ class AsamConfig:
     """Options of the `asam` backend. Every field can be given in `torch.compile(..., options={...})`."""
 
     # "exact": rewrite only into programs equal to the original within float tolerance.
+    # "adaptive": every attention site that can goes ASAM adaptive sparse (approximate); in "exact" mode
+    # only the modules marked with asam_compile.sparse(...) do.
     mode: str = "exact"
     # Re-raise when one of our passes fails instead of restoring the graph and warning (the tests use it).
     strict: bool = False
@@ -40,6 +46,19 @@ class AsamConfig:
     block_size: int = 128
     # Hand the rewritten graph to Inductor; False returns it as eager Python (for explain and debugging).
     inductor: bool = True
+    # False keeps every site exact, whatever the mode and the asam_compile.sparse marks say.
+    allow_sparse: bool = True
+    # Adaptive sparse mode (approximate; see asam_compile/adaptive.py). Share of the estimated attention
+    # mass each query block keeps.
+    coverage: float = 0.95
+    # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
+    max_density: float = 0.5
+    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay.
+    min_seq_len: int = 4096
+    # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
+    window: int = 2
+    # Leading key blocks (attention sinks) that are always kept.
+    sinks: int = 1
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
@@ -76,7 +95,7 @@ def _validate(key: str, value: Any) -> None:
     if key == "mode":
         if value not in MODES:
             raise _bad(key, value, f"one of {list(MODES)}")
-    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor"):
+    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor", "allow_sparse"):
         if not isinstance(value, bool):
             raise _bad(key, value, "True or False")
     elif key == "flex":
@@ -85,6 +104,13 @@ def _validate(key: str, value: Any) -> None:
     elif key == "block_size":
         if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
             raise _bad(key, value, "a power of two >= 16")
+    elif key in ("coverage", "max_density"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise _bad(key, value, "a number in (0, 1]")
+    elif key in ("min_seq_len", "window", "sinks"):
+        low = 1 if key == "window" else 0  # the diagonal block is always kept
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _bad(key, value, f"an integer >= {low}")
     elif key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise _bad(key, value, "a folder path (str) or None")

@@ -81,6 +81,7 @@ class AttentionMatch:
     out_perm: tuple[int, ...] | None  # permutation of the SDPA output to the original layout
     region: list[fx.Node]  # nodes of the pattern that may become dead
     flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
+    adaptive: Any = None  # asam_compile.adaptive.SparseSettings where the site goes adaptive sparse
 
 
 @dataclasses.dataclass
@@ -1010,7 +1011,31 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
                 cand.info["kernel"] = f"{m.flex_plan.kernel}: {m.flex_plan.reason}"
             elif isinstance(m.flex_plan, str):
                 cand.info["kernel"] = f"sdpa: {m.flex_plan}"
+            _plan_adaptive(node, m, config, cand)
             matches.append(m)
             log.debug("matched %s (%s): %s", node.name, cand.module, cand.info)
         report.candidates.append(cand)
     return matches
+
+
+def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candidate) -> None:
+    """Send the site to adaptive sparse attention where its settings ask for it and it can run there."""
+    from asam_compile.passes import adaptive
+
+    root = _compat.compiled_frame_module()
+    settings = adaptive.site_settings(softmax, config, type(root) if root is not None else None)
+    if settings is None:
+        return
+    probs, out = _val(m.softmax), _val(m.out)
+    qs, vs = _shape_after(m.q), _shape_after(m.v)
+    why = adaptive.refusal(m, settings, probs.shape[-2], probs.shape[-1], qs[-1], vs[-1], out.device,
+                           bool(out.requires_grad))
+    if why is not None:
+        cand.info["adaptive"] = f"exact: {why}"
+        return
+    m.adaptive = settings
+    cand.target = "adaptive"
+    cand.info["adaptive"] = (
+        f"coverage={settings.coverage}, max_density={settings.max_density}, window={settings.window}, "
+        f"sinks={settings.sinks}, block_size={settings.block_size}"
+    )

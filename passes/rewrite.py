@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asam_compile import _compat, runtime
+from asam_compile import _compat, adaptive, runtime
 from asam_compile.passes.match import AttentionMatch, Operand
 from asam_compile.report import GraphReport
 
@@ -42,7 +42,7 @@ class _Emitter:
         fargs = fx.node.map_arg(args, _compat.example_value)
         fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
         with _compat.fake_mode_from((fargs, fkwargs)) or contextlib.nullcontext():
-            if target is runtime.flex_attention_call:
+            if target in (runtime.flex_attention_call, adaptive.adaptive_attention_call):
                 # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
                 q, k, v = fargs[:3]
                 if fkwargs.get("enable_gqa"):
@@ -137,7 +137,14 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
     }
     if m.enable_gqa:
         kwargs["enable_gqa"] = True
-    if m.mask_kind == "flex":
+    if m.adaptive is not None:
+        st = m.adaptive
+        out = emit(
+            adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=m.mask_kind == "causal",
+            enable_gqa=m.enable_gqa, block_size=st.block_size, coverage=st.coverage, max_density=st.max_density,
+            window=st.window, sinks=st.sinks,
+        )
+    elif m.mask_kind == "flex":
         out = _emit_flex(gm, emit, m, q, k, v)
     else:
         out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)

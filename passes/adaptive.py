@@ -1,0 +1,52 @@
+"""Which matched attention sites go ASAM adaptive sparse, with which settings, or why they stay exact.
+
+A site goes sparse in mode="adaptive", or when a module marked with asam_compile.sparse(...) is on its
+nn_module_stack; the innermost mark's settings override the backend's options. The rewrite then emits
+asam_compile.adaptive.adaptive_attention_call instead of SDPA (Note [Adaptive sparse attention]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from asam_compile.adaptive import SparseSettings
+from asam_compile.config import SPARSE_FIELDS
+from asam_compile.sparse import settings_for
+
+
+def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> SparseSettings | None:
+    """The sparse settings that apply to this site, or None where it stays exact. `root`: the type of the
+    module whose forward was compiled (not on nn_module_stack; see _compat.compiled_frame_module)."""
+    if not config.allow_sparse:
+        return None
+    stack = softmax.meta.get("nn_module_stack") or {}
+    types = [root] + [v[1] for v in stack.values() if isinstance(v, tuple) and len(v) > 1]
+    marked = settings_for(t for t in types if t is not None)
+    if marked is None and config.mode != "adaptive":
+        return None
+    values = {f: getattr(config, f) for f in SPARSE_FIELDS}
+    values.update(marked or {})
+    return SparseSettings(**values)
+
+
+def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, device: torch.device,
+            requires_grad: bool) -> str | None:
+    """Why this matched site cannot or should not go sparse (it then stays exact), or None."""
+    if m.mask_kind not in ("none", "causal"):
+        return f"adaptive sparse takes no mask or a causal one; this site has a {m.mask_kind} mask"
+    if m.dropout_p:
+        return "attention dropout (Flex has none)"
+    if any(isinstance(d, torch.SymInt) for d in (L, S)):
+        return "dynamic sequence length (adaptive sparse is built for static shapes only)"
+    if min(L, S) < settings.min_seq_len:
+        return f"{min(L, S)} tokens < min_seq_len={settings.min_seq_len}: sparsity does not pay"
+    if E != Ev:
+        return f"Flex needs equal query and value head sizes ({E} vs {Ev})"
+    if device.type == "cpu" and requires_grad:
+        return "compiled Flex has no backward on CPU"
+    if device.type == "cuda" and Ev < 16:
+        return f"Flex needs head dim >= 16 on CUDA (got {Ev})"
+    return None

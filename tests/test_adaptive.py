@@ -1,0 +1,329 @@
+"""ASAM adaptive sparse mode (issue 4): opt-in, per input and per head, on FlexAttention block masks.
+
+CPU: compiled Flex runs inference here, so numerics are checked without gradients; training is in
+tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import asam_compile
+from asam_compile import adaptive
+from asam_compile.adaptive import SparseSettings, select_blocks
+
+BS = 128
+EXACT_TOL = 2e-5  # float32, compiled Flex vs SDPA on the same blocks
+
+
+def count_adaptive(graphs) -> int:
+    return sum(
+        1 for gm in graphs for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is adaptive.adaptive_attention_call
+    )
+
+
+class CausalAttention(nn.Module):
+    """nanoGPT-style causal attention over given q, k, v (GQA by repeat_interleave when k has fewer heads)."""
+
+    def forward(self, q, k, v):
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        L = q.shape[-2]
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+
+
+class FullAttention(nn.Module):
+    def forward(self, q, k, v):
+        return F.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = CausalAttention()
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+
+    def forward(self, q, k, v):
+        return self.layers[0](q, k, v) + self.layers[1](q, k, v)
+
+
+def qkv(B=1, H=4, Hkv=None, L=1000, E=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Hkv = Hkv or H
+    return (torch.randn(B, H, L, E, generator=g), torch.randn(B, Hkv, L, E, generator=g),
+            torch.randn(B, Hkv, L, E, generator=g))
+
+
+def planted(B=1, H=2, L=2048, E=32, seed=0):
+    """q/k where each query block attends (strongly) to one far key block besides its own: real-looking
+    concentrated attention whose important blocks an estimate has to find."""
+    g = torch.Generator().manual_seed(seed)
+    n = L // BS
+    q = 0.3 * torch.randn(B, H, L, E, generator=g)
+    k = 0.3 * torch.randn(B, H, L, E, generator=g)
+    v = torch.randn(B, H, L, E, generator=g)
+    for i in range(2, n):
+        j = (i * 7 + 3) % (i - 1)  # a block well before the diagonal
+        d = torch.randn(B, H, 1, E, generator=g)
+        d = d / d.norm(dim=-1, keepdim=True) * 6.0
+        q[:, :, i * BS:(i + 1) * BS] += d
+        k[:, :, j * BS:(j + 1) * BS] += d
+    return q, k, v
+
+
+def compile_adaptive(model, inputs, **options):
+    opts = {"mode": "adaptive", "min_seq_len": 0, "strict": True, **options}
+    torch._dynamo.reset()
+    with asam_compile.capture() as cap, torch.no_grad():
+        out = torch.compile(model, backend="asam", options=opts, fullgraph=True)(*inputs)
+    return out, cap
+
+
+def exact(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+# ------------------------------------------------------------------------------------------ block selection
+
+
+def test_selection_keeps_forced_blocks_and_stays_inside_the_mask():
+    q, k, _ = qkv(L=1000, H=3)
+    st = SparseSettings(BS, coverage=0.3, max_density=1.0, min_seq_len=0, window=2, sinks=1)
+    kept, partial, allowed = select_blocks(q, k, scale=32**-0.5, causal=True, settings=st)
+    QB = -(-1000 // BS)
+    assert kept.shape == (1, 3, QB, QB)
+    assert not (kept & ~allowed).any(), "a kept block the causal mask forbids"
+    assert torch.equal(allowed[0, 0], torch.ones(QB, QB, dtype=torch.bool).tril())
+    assert torch.equal(partial[0, 0], torch.eye(QB, dtype=torch.bool))
+    for i in range(QB):
+        assert kept[..., i, 0].all(), "sink block dropped"
+        assert kept[..., i, i].all(), "diagonal block dropped"
+        if i:
+            assert kept[..., i, i - 1].all(), "window block dropped"
+
+
+def test_selection_is_per_head_and_finds_planted_blocks():
+    q, k, _ = planted(H=2, L=2048)
+    st = SparseSettings(BS, coverage=0.9, max_density=1.0, min_seq_len=0, window=1, sinks=0)
+    kept, _, allowed = select_blocks(q, k, scale=32**-0.5, causal=True, settings=st)
+    for i in range(2, 2048 // BS):
+        j = (i * 7 + 3) % (i - 1)
+        assert kept[0, :, i, j].all(), f"query block {i}: planted key block {j} not kept"
+    assert adaptive.block_density(kept, allowed) < 0.6
+    # a different input selects differently: the choice is per input, not fixed at compile time
+    kept2, _, _ = select_blocks(*planted(H=2, L=2048, seed=1)[:2], scale=32**-0.5, causal=True, settings=st)
+    assert not torch.equal(kept, kept2)
+
+
+def test_diffuse_heads_fall_back_to_all_blocks():
+    q, k, _ = qkv(L=1024, H=2)
+    q[:, 1] *= 0  # head 1: uniform attention, the estimate is flat
+    st = SparseSettings(BS, coverage=0.9, max_density=0.5, min_seq_len=0, window=1, sinks=0)
+    kept, _, allowed = select_blocks(q, k, scale=32**-0.5, causal=True, settings=st)
+    assert torch.equal(kept[0, 1], allowed[0, 1]), "a diffuse head must run all its blocks (exact)"
+
+
+# ------------------------------------------------------------------------------------- compiled numerics
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_full_coverage_is_exact(causal):
+    """coverage=1 keeps every block with any estimated mass: the result is exact attention."""
+    model = CausalAttention() if causal else FullAttention()
+    inputs = qkv(L=1000, H=4, Hkv=2 if causal else None)
+    out, cap = compile_adaptive(model, inputs, coverage=1.0, max_density=1.0)
+    assert count_adaptive(cap.graphs) == 1
+    (cand,) = cap.report.candidates
+    assert cand.status == "rewritten" and cand.target == "adaptive", cand.info
+    assert cand.info["enable_gqa"] is causal
+    torch.testing.assert_close(out, exact(model, inputs), atol=EXACT_TOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("L", [640, 1000])
+def test_compiled_flex_equals_dense_reference_on_the_kept_blocks(L):
+    """At low coverage the compiled block-sparse kernel computes exactly softmax over the kept blocks."""
+    inputs = qkv(L=L, H=4, Hkv=2)
+    out, _ = compile_adaptive(CausalAttention(), inputs, coverage=0.5, max_density=1.0, window=1, sinks=1)
+    st = SparseSettings(BS, 0.5, 1.0, 0, 1, 1)
+    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    assert density < 0.9
+    torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
+    assert (out - exact(CausalAttention(), inputs)).abs().max() > 1e-2  # it really is sparse
+
+
+def test_concentrated_attention_is_accurate_at_low_density():
+    inputs = planted(H=2, L=2048)
+    model = CausalAttention()
+    out, _ = compile_adaptive(model, inputs, coverage=0.95, max_density=1.0, window=1, sinks=0)
+    st = SparseSettings(BS, 0.95, 1.0, 0, 1, 0)
+    _, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    ref = exact(model, inputs)
+    err = ((out - ref).norm() / ref.norm()).item()
+    # the local window alone (coverage too low to add any block) misses the planted blocks
+    local, _ = compile_adaptive(model, inputs, coverage=1e-6, max_density=1.0, window=1, sinks=0)
+    err_local = ((local - ref).norm() / ref.norm()).item()
+    assert density < 0.5 and err < 0.05 and err_local > 4 * err, (density, err, err_local)
+
+
+# ------------------------------------------------------------------------------------------ who goes sparse
+
+
+def test_exact_mode_leaves_unmarked_models_alone():
+    inputs = qkv(L=512)
+    torch._dynamo.reset()
+    with asam_compile.capture() as cap, torch.no_grad():
+        torch.compile(CausalAttention(), backend="asam", options={"min_seq_len": 0})(*inputs)
+    (cand,) = cap.report.candidates
+    assert cand.target == "sdpa" and "adaptive" not in cand.info
+
+
+def test_marked_instances_only_go_sparse_and_eager_is_unchanged():
+    model = TwoBlocks()
+    inputs = qkv(L=512)
+    before = exact(model, inputs)
+    assert asam_compile.sparse(model.layers[1:], coverage=1.0, min_seq_len=0) is not None
+    assert torch.equal(exact(model, inputs), before), "marking changed eager results"
+    assert isinstance(model.layers[1], Block) and type(model.layers[1]).__name__ == "Block"
+    torch._dynamo.reset()
+    with asam_compile.capture() as cap, torch.no_grad():
+        out = torch.compile(model, backend="asam", fullgraph=True)(*inputs)
+    by_module = {c.module: c for c in cap.report.candidates}
+    assert by_module["layers.0.attn"].target == "sdpa", by_module
+    assert by_module["layers.1.attn"].target == "adaptive", by_module
+    assert "coverage=1.0" in by_module["layers.1.attn"].info["adaptive"]
+    # the sum of the two blocks is an epilogue Inductor's CPU Flex template cannot take: it must not fuse
+    assert not any(r.inductor_fallback for r in cap.reports), [r.inductor_fallback for r in cap.reports]
+    torch.testing.assert_close(out, before, atol=EXACT_TOL, rtol=1e-4)
+    # the mark survives pickling and deepcopy, and can be removed
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert getattr(type(clone.layers[1]), "__asam_sparse__") == {"coverage": 1.0, "min_seq_len": 0}
+        assert not hasattr(type(clone.layers[0]), "__asam_sparse__")
+    asam_compile.sparse(model.layers[1], enabled=False)
+    assert type(model.layers[1]) is Block
+
+
+def test_class_decorator_and_settings_override_options():
+    @asam_compile.sparse(coverage=1.0, window=3)
+    class Marked(CausalAttention):
+        pass
+
+    @asam_compile.sparse
+    class MarkedDefault(CausalAttention):
+        pass
+
+    inputs = qkv(L=512)
+    for cls, expected in ((Marked, "coverage=1.0, max_density=0.5, window=3"), (MarkedDefault, "coverage=0.8,")):
+        torch._dynamo.reset()
+        with asam_compile.capture() as cap, torch.no_grad():
+            torch.compile(cls(), backend="asam", options={"min_seq_len": 0, "coverage": 0.8})(*inputs)
+        (cand,) = cap.report.candidates
+        assert cand.target == "adaptive" and expected in cand.info["adaptive"], cand.info
+
+
+@pytest.mark.parametrize(
+    "why, options, make",
+    [
+        ("min_seq_len", {"min_seq_len": 4096}, lambda: (CausalAttention(), qkv(L=512))),
+        ("dropout", {}, lambda: (nn.Dropout(0.1), None)),
+        ("no backward", {}, lambda: (CausalAttention(), tuple(x.requires_grad_() for x in qkv(L=512)))),
+        ("mask", {}, lambda: (None, None)),
+    ],
+)
+def test_sites_that_stay_exact_say_why(why, options, make):
+    model, inputs = make()
+    if why == "dropout":
+
+        class DropAttn(nn.Module):
+            def forward(self, q, k, v):
+                return F.dropout(F.softmax(q @ k.transpose(-2, -1), -1), 0.1, training=True) @ v
+
+        model, inputs = DropAttn(), qkv(L=512)
+    if why == "mask":
+
+        class PaddedAttn(nn.Module):
+            def forward(self, q, k, v, pad):
+                s = q @ k.transpose(-2, -1) + pad
+                return F.softmax(s, -1) @ v
+
+        pad = torch.zeros(1, 1, 1, 512)
+        pad[..., 500:] = float("-inf")
+        model, inputs = PaddedAttn(), (*qkv(L=512), pad)
+    opts = {"mode": "adaptive", "min_seq_len": 0, **options}
+    torch._dynamo.reset()
+    with asam_compile.capture() as cap, torch.no_grad() if why != "no backward" else torch.enable_grad():
+        out = torch.compile(model, backend="asam", options=opts)(*inputs)
+    (cand,) = cap.report.candidates
+    assert cand.target == "sdpa" and cand.info["adaptive"].startswith("exact: "), cand.info
+    assert {"min_seq_len": "min_seq_len", "dropout": "dropout", "no backward": "backward",
+            "mask": "mask"}[why] in cand.info["adaptive"]
+    if why in ("min_seq_len", "mask"):
+        torch.testing.assert_close(out, exact(model, inputs), atol=EXACT_TOL, rtol=1e-4)
+
+
+def test_hf_llama_adaptive_full_coverage_matches_exact():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 600))
+    ref = exact(model, (ids,)).logits
+    out, cap = compile_adaptive(model, (ids,), coverage=1.0, max_density=1.0)
+    assert [c.target for c in cap.report.candidates] == ["adaptive", "adaptive"]
+    assert all(c.info["enable_gqa"] and c.info["is_causal"] for c in cap.report.candidates)
+    torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"mode": "sparse"}, "mode"),
+        ({"coverage": 0.0}, "coverage"),
+        ({"coverage": 1.5}, "coverage"),
+        ({"max_density": -1}, "max_density"),
+        ({"window": 0}, "window"),
+        ({"sinks": 1.5}, "sinks"),
+        ({"min_seq_len": True}, "min_seq_len"),
+        ({"coverag": 0.9}, "coverag"),
+    ],
+)
+def test_bad_options_name_what_was_wrong(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        asam_compile.AsamConfig.from_options(options)
+
+
+def test_sparse_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match="int"):
+        asam_compile.sparse(3)
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        asam_compile.sparse(dict)
+    with pytest.raises(TypeError, match="str"):
+        asam_compile.sparse([nn.Linear(2, 2), "x"])
+    with pytest.raises(ValueError, match="coverag"):
+        asam_compile.sparse(nn.Linear(2, 2), coverag=0.9)
+    with pytest.raises(ValueError, match="coverage"):
+        asam_compile.sparse(nn.Linear(2, 2), coverage=2)
