@@ -26,6 +26,15 @@ import torch
 
 F = torch.nn.functional
 
+# Note [Dense fallback at run time]
+# Flex computes a block at about 0.69x the speed of SDPA flash (H100/H200, bf16; benchmarks/RESULTS.md), so a
+# call whose selection keeps most blocks would be faster as SDPA flash. Choosing between them per call
+# needs data-dependent control flow in the compiled graph: torch.cond(density <= x, flex, sdpa) compiles
+# for plain modules, but inside an HF Llama graph Inductor (torch 2.13, CPU) passed the branch operands
+# with a layout other than the one the branch was compiled for (assert_size_stride fails), even after
+# explicit clones. Until that is solved, a diffuse (batch, head) keeps all its blocks (max_density) and
+# runs them in Flex: exact, at Flex's speed. min_seq_len keeps short sites on SDPA at compile time.
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseSettings:
@@ -130,7 +139,8 @@ def adaptive_attention_call(
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
-    kept, partial, _ = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+    kept, partial, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+
     num, idx = _indices(kept & partial)
     full_num, full_idx = _indices(kept & ~partial)
     block_mask = BlockMask.from_kv_blocks(
@@ -143,11 +153,13 @@ def adaptive_attention_call(
 
 
 def reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, settings: SparseSettings
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, settings: SparseSettings,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Eager dense evaluation of what adaptive_attention_call computes (for tests and accuracy studies):
-    SDPA with the kept blocks as a dense boolean mask; also the realised block density."""
-    kept, _, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+    SDPA with the kept blocks (selected here, or given) as a dense boolean mask; also the block density."""
+    selected, _, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+    kept = selected if kept is None else kept
     bs, L, S = settings.block_size, q.shape[2], k.shape[2]
     dense = kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :L, :S]
     if causal:

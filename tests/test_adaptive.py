@@ -158,14 +158,14 @@ def test_full_coverage_is_exact(causal):
     torch.testing.assert_close(out, exact(model, inputs), atol=EXACT_TOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("L", [640, 1000])
+@pytest.mark.parametrize("L", [1000, 1500])
 def test_compiled_flex_equals_dense_reference_on_the_kept_blocks(L):
     """At low coverage the compiled block-sparse kernel computes exactly softmax over the kept blocks."""
     inputs = qkv(L=L, H=4, Hkv=2)
-    out, _ = compile_adaptive(CausalAttention(), inputs, coverage=0.5, max_density=1.0, window=1, sinks=1)
-    st = SparseSettings(BS, 0.5, 1.0, 0, 1, 1)
+    out, _ = compile_adaptive(CausalAttention(), inputs, coverage=0.3, max_density=1.0, window=1, sinks=1)
+    st = SparseSettings(BS, 0.3, 1.0, 0, 1, 1)
     ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
-    assert density < 0.9
+    assert density < 0.9, density
     torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     assert (out - exact(CausalAttention(), inputs)).abs().max() > 1e-2  # it really is sparse
 

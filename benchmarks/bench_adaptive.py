@@ -1,0 +1,164 @@
+"""How fast is ASAM adaptive sparse attention against SDPA flash, at what density and what error?
+
+Attention alone, causal, written by hand (softmax(q kᵀ · scale + causal mask) v) and compiled with
+backend="asam", options={"mode": "adaptive", ...}: the block selection (pooled q·k estimate, coverage,
+sinks, window) is part of the compiled graph and of every timing. Side by side, one run, one device:
+SDPA flash (is_causal), the same module under exact backend="asam" (SDPA), and adaptive at each coverage.
+Error: relative Frobenius error against SDPA in float32 (the float32 result stands in for exact; the bf16
+flash error against it is printed alongside as the floor). Density: kept / causal key blocks.
+
+Inputs (--inputs):
+  planted  every query block of every head attends strongly to `--hits` random earlier key blocks
+           (concentrated attention, as real deep layers show; random q/k alone give uniform attention)
+  random   plain Gaussian q, k, v: diffuse attention, the worst case (heads fall back to dense)
+  FILE.pt  a dict {"q", "k", "v"} of (B, H, L, D) tensors saved from a real model (see --help of
+           benchmarks/attention_profile.py); lengths are cut to each --seqs entry
+
+    python benchmarks/bench_adaptive.py --seqs 16384 32768 65536 --json adaptive.json
+    python benchmarks/bench_adaptive.py --device cpu --dtype float32 --seqs 1024 --heads 2 --dim 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import bench, git_rev
+
+
+class HandWrittenCausal(nn.Module):
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+        return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def planted(B, H, L, D, hits, device, dtype, seed=0, block=128, logit=8.0):
+    """A planted key block raises its queries' logits by about `logit` over the background."""
+    strength = (logit * hits * D**0.5) ** 0.5  # |d|^2 / (hits * sqrt(D)) = logit
+    g = torch.Generator().manual_seed(seed)  # built on the host, then moved: the loops below are scalar
+    q = 0.5 * torch.randn(B, H, L, D, generator=g)
+    k = 0.5 * torch.randn(B, H, L, D, generator=g)
+    v = torch.randn(B, H, L, D, generator=g)
+    n = L // block
+    for i in range(1, n):
+        # each head of this query block looks at `hits` earlier key blocks through its own direction
+        targets = torch.randint(0, i, (B, H, hits), generator=g)
+        d = torch.randn(B, H, hits, D, generator=g)
+        d = d / d.norm(dim=-1, keepdim=True) * strength
+        q[:, :, i * block:(i + 1) * block] += d.sum(2, keepdim=True) / hits**0.5
+        for t in range(hits):
+            idx = targets[:, :, t]  # (B, H)
+            for b in range(B):
+                for h in range(H):
+                    j = int(idx[b, h])
+                    k[b, h, j * block:(j + 1) * block] += d[b, h, t] / hits**0.5
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def make_inputs(args, L, device, dtype):
+    if args.inputs == "random":
+        g = torch.Generator(device=device).manual_seed(0)
+        return tuple(torch.randn(1, args.heads, L, args.dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+    if args.inputs == "planted":
+        return planted(1, args.heads, L, args.dim, args.hits, device, dtype, logit=args.logit)
+    saved = torch.load(args.inputs)
+    return tuple(saved[n][..., :L, :].to(device, dtype).contiguous() for n in ("q", "k", "v"))
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--inputs", default="planted")
+    p.add_argument("--hits", type=int, default=4, help="planted key blocks per query block and head")
+    p.add_argument("--logit", type=float, default=8.0, help="how much a planted block raises its logits")
+    p.add_argument("--coverages", type=float, nargs="+", default=[0.9, 0.95])
+    p.add_argument("--max-density", type=float, default=0.5)
+    p.add_argument("--window", type=int, default=2)
+    p.add_argument("--sinks", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+
+    import asam_compile
+    from asam_compile.adaptive import SparseSettings, block_density, select_blocks
+    from tabulate import tabulate
+
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    header = {
+        "device": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "git": git_rev(),
+        "inputs": args.inputs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
+    }
+    print(header, flush=True)
+    rows = []
+    model = HandWrittenCausal()
+    for L in args.seqs:
+        t0 = time.time()
+        q, k, v = make_inputs(args, L, dev, dtype)
+        with torch.no_grad():
+            exact32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+            flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        floor = rel_err(flash, exact32)
+        ms_flash = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev, args.iters)
+        rows.append({"seq": L, "mode": "sdpa-flash", "ms": ms_flash, "density": 1.0, "rel_err": floor, "fired": "-"})
+        runs = [("asam-exact", {})] + [
+            (f"adaptive c={c}", {"mode": "adaptive", "coverage": c, "max_density": args.max_density,
+                                 "window": args.window, "sinks": args.sinks, "min_seq_len": 0})
+            for c in args.coverages
+        ]
+        for name, opts in runs:
+            torch._dynamo.reset()
+            fn = torch.compile(model, backend="asam", options=opts)
+            with torch.no_grad(), asam_compile.capture() as cap:
+                t = time.time()
+                out = fn(q, k, v)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                compile_s = time.time() - t
+            fired = ",".join(c.target or "refused" for c in cap.report.candidates)
+            density = 1.0
+            if "coverage" in opts:
+                st = SparseSettings(128, opts["coverage"], opts["max_density"], 0, opts["window"], opts["sinks"])
+                kept, _, allowed = select_blocks(q, k, scale=args.dim**-0.5, causal=True, settings=st)
+                density = block_density(kept, allowed)
+                del kept, allowed
+            with torch.no_grad():
+                ms = bench(lambda: fn(q, k, v), dev, args.iters)
+            rows.append({"seq": L, "mode": name, "ms": ms, "density": density, "rel_err": rel_err(out, exact32),
+                         "fired": fired, "compile_s": compile_s})
+        for r in rows:
+            if r["seq"] == L:
+                r["speedup_vs_flash"] = ms_flash / r["ms"]
+        print(f"L={L} done in {time.time() - t0:.0f} s", flush=True)
+        print(tabulate([r for r in rows if r["seq"] == L], headers="keys", floatfmt=".4g"), flush=True)
+        if args.json:  # after every length: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"header": header, "rows": rows}, f, indent=2)
+        del q, k, v, exact32, flash
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    print(tabulate(rows, headers="keys", floatfmt=".4g"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
