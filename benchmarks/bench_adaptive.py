@@ -71,7 +71,10 @@ def make_inputs(args, L, device, dtype):
     if args.inputs == "planted":
         return planted(1, args.heads, L, args.dim, args.hits, device, dtype, logit=args.logit)
     saved = torch.load(args.inputs)
-    return tuple(saved[n][..., :L, :].to(device, dtype).contiguous() for n in ("q", "k", "v"))
+    q, k, v = (saved[n][..., :L, :].to(device, dtype) for n in ("q", "k", "v"))
+    if k.shape[1] != q.shape[1]:  # grouped-query heads: the hand-written module takes them repeated
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def rel_err(a, b):
@@ -83,7 +86,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--inputs", default="planted")
+    p.add_argument("--inputs", default="planted", help="planted, random, or saved q/k/v files (see above)")
     p.add_argument("--hits", type=int, default=4, help="planted key blocks per query block and head")
     p.add_argument("--logit", type=float, default=8.0, help="how much a planted block raises its logits")
     p.add_argument("--coverages", type=float, nargs="+", default=[0.9, 0.95])
@@ -112,6 +115,7 @@ def main() -> None:
     for L in args.seqs:
         t0 = time.time()
         q, k, v = make_inputs(args, L, dev, dtype)
+        header["heads"], header["dim"] = q.shape[1], q.shape[-1]
         with torch.no_grad():
             exact32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
             flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -136,7 +140,7 @@ def main() -> None:
             density = 1.0
             if "coverage" in opts:
                 st = SparseSettings(128, opts["coverage"], opts["max_density"], 0, opts["window"], opts["sinks"])
-                kept, _, allowed = select_blocks(q, k, scale=args.dim**-0.5, causal=True, settings=st)
+                kept, _, allowed = select_blocks(q, k, scale=q.shape[-1] ** -0.5, causal=True, settings=st)
                 density = block_density(kept, allowed)
                 del kept, allowed
             with torch.no_grad():

