@@ -49,12 +49,15 @@ class AsamConfig:
     # False keeps every site exact, whatever the mode and the asam_compile.sparse marks say.
     allow_sparse: bool = True
     # Adaptive sparse mode (approximate; see asam_compile/adaptive.py). Share of the estimated attention
-    # mass each query block keeps.
-    coverage: float = 0.95
+    # mass each query block keeps. Measured on SmolLM2-135M at 4096 tokens (benchmarks/RESULTS.md):
+    # perplexity +1.16 % at 0.95, +0.37 % at 0.99, +0.07 % at 0.995; the goal is <= 0.5 %.
+    coverage: float = 0.99
     # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
     max_density: float = 0.5
-    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay.
-    min_seq_len: int = 4096
+    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured on an
+    # H100 (benchmarks/RESULTS.md): at 8k tokens (SmolLM2 heads) adaptive was slower than SDPA flash at every
+    # density; at 16k (H=16, D=128) 3.2-3.4x faster. The crossover between them is not measured yet.
+    min_seq_len: int = 16384
     # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
     window: int = 2
     # Leading key blocks (attention sinks) that are always kept.

@@ -370,6 +370,53 @@ def _runtime_inputs(node: fx.Node) -> list[str]:
     return sorted(found)
 
 
+# Note [Small constants]
+# Per-token vectors that a mask indexes (HF's packed_sequence_mask, segment ids made from aranges) are
+# often computed with ops that are not index arithmetic (cumsum, diff). When such a tensor is a vector
+# (one dim of size > 1, at most _SMALL_CONSTANT elements: O(L), never L x S; batch 1, so HF's (B, L)
+# vectors qualify only for B = 1), has a static shape, and reads no tensor values
+# but buffers' (only sizes of inputs), it is the same on every call: it is evaluated once at compile time
+# and read by index, exactly like a buffer. Its graph node still computes it at run time and is passed to
+# Flex (a Capture, Note [Captured tensors in Flex]); the block mask built at compile time from the
+# evaluated value is valid because the value cannot change while the shapes do not (Dynamo guards them).
+_SMALL_CONSTANT = 1 << 20
+
+
+def _ancestors_of(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _is_size_query(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
+    return _is_size_like(_compat.example_value(node)) and node.op != "placeholder"
+
+
+def _values_read(node: fx.Node) -> list[str]:
+    """Graph inputs other than buffers whose values (not only sizes) `node` depends on."""
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not node and _is_size_query(n):
+            continue
+        if n.op == "placeholder" and isinstance(_compat.example_value(n), Tensor) and _placeholder_kind(n) != "buffer":
+            found.append(n.name)
+        stack.extend(n.all_input_nodes)
+    return sorted(found)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the interpreter
 
@@ -612,9 +659,46 @@ class _Lifter:
             raise NotLiftable(f"random op {_op_name(node)} ({node.name})")
         if name in _UNINITIALISED:
             raise NotLiftable(f"op {_op_name(node)} reads uninitialised memory ({node.name})")
+        small = self._small_constant(node)
+        if small is not None:
+            return small
         inputs = _runtime_inputs(node)
         reads = f", reading runtime input {', '.join(inputs)}" if inputs else ""
         raise NotLiftable(f"op {_op_name(node)} is not index arithmetic ({node.name}{reads})")
+
+    def _small_constant(self, node: fx.Node) -> _Value | None:
+        """Note [Small constants]: a small tensor computed from shapes and buffers only (HF's
+        packed_sequence_mask = cumsum(diff(position_ids) != 1) with position_ids = arange(L)) is evaluated
+        once here and read by index, like a buffer; its node is passed to Flex at run time (a Capture)."""
+        ev = _compat.example_value(node)
+        if not isinstance(ev, Tensor) or ev.is_complex() or any(_is_symbolic(d) for d in ev.shape):
+            return None
+        if sum(1 for d in ev.shape if d > 1) > 1 or ev.numel() > _SMALL_CONSTANT:
+            return None  # not a per-token vector: an L x S tensor is never made at compile time
+        if self.standins or _values_read(node):
+            return None
+        anc = _ancestors_of(node)
+        env: dict[fx.Node, Any] = {}
+        interp = fx.Interpreter(self.gm)
+        for n in self.gm.graph.nodes:
+            if n not in anc:
+                continue
+            if n.op == "placeholder":
+                env[n] = self.inputs.get(n)
+                if env[n] is None or _is_fake(env[n]):
+                    return None
+                continue
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            try:
+                env[n] = getattr(interp, n.op)(n.target, args, kwargs)
+            except Exception:  # noqa: BLE001 - not evaluable here: the caller says why it is not liftable
+                log.debug("small constant %s: %s not evaluated", node.name, n.name, exc_info=True)
+                return None
+        value = env[node]
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(ev.shape):
+            return None
+        return _captured(value, node, self.captures)
 
     def _placeholder(self, node: fx.Node) -> Any:
         x = self.inputs.get(node)
@@ -889,12 +973,39 @@ class _Lifter:
         routes = [(d + n - m, 0, 1) for d in range(m)]
         return _reindex(src, shape, routes)
 
+    def _gather(self, node: fx.Node, src: _Value, items: list[_Value]) -> _Value:
+        """src[i0, i1, ...] with one lifted integer index per dim of src (HF's packed_sequence_mask[b, q]):
+        the value at an index is src's value at the indices' values there. Exact, including negative
+        indices (both wrap the same way); an index out of range fails at run time as it did."""
+        if len(items) != len(src.shape):
+            raise NotLiftable(f"{node.name}: indexing {len(items)} of {len(src.shape)} dims with tensors")
+        if any(it.dtype.is_floating_point or it.dtype == torch.bool for it in items):
+            raise NotLiftable(f"{node.name}: index tensors must be integers")
+        ev = _compat.example_value(node)
+        try:
+            shape = tuple(torch.broadcast_shapes(*(it.shape for it in items)))
+        except RuntimeError as e:
+            raise NotLiftable(f"{node.name}: index shapes do not broadcast ({e})") from e
+        if not isinstance(ev, Tensor) or tuple(self.probe(tuple(ev.shape))) != shape:
+            raise NotLiftable(f"{node.name}: an indexing result of another shape than its indices'")
+        n = len(shape)
+        offsets = [(it.fn, n - len(it.shape)) for it in items]
+        deps = frozenset(d + n - len(it.shape) for it in items for d in it.deps)
+        src_fn = src.fn
+
+        def gather(idx: _Index, ref: Tensor) -> Tensor:
+            return src_fn(tuple(fn(idx[off:], ref) for fn, off in offsets), ref)
+
+        return _Value(shape, src.dtype, deps, gather)
+
     def _getitem(self, node: fx.Node) -> Any:
         src = self.arg(node.args[0])
         index = self.arg(node.args[1])
         if not isinstance(src, _Value):
             return src[index]  # sizes, tuples
         items = list(index) if isinstance(index, tuple) else [index]
+        if items and all(isinstance(it, _Value) for it in items):
+            return self._gather(node, src, items)
         for it in items:
             if isinstance(it, (_Value, Tensor)) or isinstance(it, bool) or isinstance(it, (list, tuple)):
                 raise NotLiftable(f"{node.name}: indexing with a tensor or a list (data-dependent gather)")

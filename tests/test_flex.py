@@ -166,6 +166,29 @@ def test_hf_mistral_sliding_window_through_flex():
     assert err <= 4 * err_eager + 1e-6, (err, err_eager)
 
 
+def test_hf_mistral_without_cache_reads_its_packed_sequence_vector():
+    """With use_cache=False, transformers 5.17 adds a packed-sequence mask made with cumsum/diff from the
+    in-graph position_ids: a per-token vector evaluated once at compile time (Note [Small constants]) and
+    read by index in the mask_mod, so the sliding window still goes to Flex and matches float64."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, sliding_window=24, attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 77))
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(
+            ids, use_cache=False
+        ).logits
+        ref = copy.deepcopy(model).double()(ids, use_cache=False).logits
+        eager = model(ids, use_cache=False).logits
+    assert count_flex(cap.graphs) == 2, cap.report
+    err, err_eager = (out.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
+    assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
 def test_liftable_masks_are_classified_without_materialising_them(monkeypatch):
     """With static shapes a liftable mask is classified from its lifted index functions in row chunks: the
     mask subgraph itself (an L x S tensor) is never run at compile time."""

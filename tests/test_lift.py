@@ -387,6 +387,19 @@ class CumsumMask(nn.Module):
         return attend(q, k, v, fill=(torch.cumsum(torch.ones(n, n), -1) <= 3, True))
 
 
+class DocumentIds(nn.Module):
+    """Packed documents of a fixed layout: segment ids from a cumsum over document starts (not index
+    arithmetic), then doc[q] == doc[kv] by indexing, and causal."""
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        pos = torch.arange(n)
+        starts = (pos % 10 == 0) | (pos == 3)
+        doc = starts.long().cumsum(0)
+        qi, ki = pos[:, None], pos[None, :]
+        return attend(q, k, v, fill=((doc[qi] == doc[ki]) & (ki <= qi), True))
+
+
 class InPlaceTril(nn.Module):
     def forward(self, q, k, v):
         n = q.size(-2)
@@ -421,6 +434,22 @@ def test_not_liftable(module, extra, reason):
     node, _ = mask_node(gm)
     with pytest.raises(NotLiftable, match=reason):
         lift([node], gm, example_inputs)
+
+
+@pytest.mark.parametrize("n", [24, 37, 130])
+def test_small_per_token_constants_are_read_by_index(n):
+    """Note [Small constants]: the cumsum vector is evaluated once and gathered by the lifted indices; the
+    lifted mask equals the graph's own mask exactly, at lengths that are not multiples of a block."""
+    gm, example_inputs = capture(DocumentIds(), *qkv(n))
+    node, _ = mask_node(gm)
+    (lifted,) = lift([node], gm, example_inputs)
+    q_idx, kv_idx = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    got = lifted.fn(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), q_idx, kv_idx)
+    pos = torch.arange(n)
+    doc = ((pos % 10 == 0) | (pos == 3)).long().cumsum(0)
+    assert torch.equal(got.expand(n, n), (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None]))
+    # the vector's own node computes it at run time (passed to Flex as an argument)
+    assert any(c.node is not None and c.node.target == "cumsum" for c in lifted.captures), lifted.captures
 
 
 def test_not_liftable_names_the_runtime_input():
