@@ -35,13 +35,12 @@ import argparse
 import collections
 import copy
 import datetime
-import gc
 import json
 import time
 
 import torch
 
-from common import bench, git_rev
+from common import bench, free, git_rev, is_oom, sync
 
 HAND_FLEX = "bench_hand_flex"  # the AttentionInterface key of the hand-written Flex attention
 BLOCK_MASKS: dict[tuple[int, int], object] = {}  # (L, S) -> BlockMask, filled before the model is compiled
@@ -94,25 +93,6 @@ def build(args, attn: str):
     )
     torch.manual_seed(0)
     return MistralForCausalLM(cfg).eval()
-
-
-def is_oom(e: BaseException) -> bool:
-    while e is not None:  # Dynamo wraps what the backend raised (BackendCompilerFailed ...)
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(dev: str) -> None:
-    gc.collect()
-    if dev == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measure(fn, dev: str, iters: int, slow_ms: float) -> tuple[float, str]:

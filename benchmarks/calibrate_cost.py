@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import statistics
@@ -39,32 +38,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import bench, git_rev
+from common import bench, free, git_rev, is_oom, sync
 
 _T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S} +{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
-
-
-def is_oom(e: BaseException) -> bool:
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(dev: str) -> None:
-    gc.collect()
-    if dev == "cuda":
-        torch.cuda.empty_cache()
 
 
 def sdpa_choice(q, k, v, **kw) -> str:

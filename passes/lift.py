@@ -356,14 +356,17 @@ def _mutation(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _runtime_inputs(node: fx.Node) -> list[str]:
-    """Names of graph inputs (not buffers) whose values `node` may read."""
+def _runtime_inputs(node: fx.Node, values_only: bool = False) -> list[str]:
+    """Names of graph inputs (not buffers) whose values `node` may read. values_only: not counting inputs
+    read only through a size query (`.shape`, `.size()`: Dynamo guards those)."""
     seen, stack, found = set(), [node], []
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
+        if values_only and n is not node and _is_size_query(n):
+            continue
         if n.op == "placeholder" and isinstance(_compat.example_value(n), Tensor) and _placeholder_kind(n) != "buffer":
             found.append(n.name)
         stack.extend(n.all_input_nodes)
@@ -382,9 +385,10 @@ def _runtime_inputs(node: fx.Node) -> list[str]:
 _SMALL_CONSTANT = 1 << 20
 
 
-def _ancestors_of(node: fx.Node) -> set[fx.Node]:
+def ancestors(*nodes: fx.Node) -> set[fx.Node]:
+    """The nodes and every node they are computed from."""
     seen: set[fx.Node] = set()
-    stack = [node]
+    stack = list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
@@ -399,22 +403,6 @@ def _is_size_query(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
         return node.args[1] in ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
     return _is_size_like(_compat.example_value(node)) and node.op != "placeholder"
-
-
-def _values_read(node: fx.Node) -> list[str]:
-    """Graph inputs other than buffers whose values (not only sizes) `node` depends on."""
-    seen, stack, found = set(), [node], []
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not node and _is_size_query(n):
-            continue
-        if n.op == "placeholder" and isinstance(_compat.example_value(n), Tensor) and _placeholder_kind(n) != "buffer":
-            found.append(n.name)
-        stack.extend(n.all_input_nodes)
-    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -675,9 +663,9 @@ class _Lifter:
             return None
         if sum(1 for d in ev.shape if d > 1) > 1 or ev.numel() > _SMALL_CONSTANT:
             return None  # not a per-token vector: an L x S tensor is never made at compile time
-        if self.standins or _values_read(node):
+        if self.standins or _runtime_inputs(node, values_only=True):
             return None
-        anc = _ancestors_of(node)
+        anc = ancestors(node)
         env: dict[fx.Node, Any] = {}
         interp = fx.Interpreter(self.gm)
         for n in self.gm.graph.nodes:

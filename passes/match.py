@@ -532,15 +532,9 @@ def _repeat_source(node: fx.Node) -> tuple[fx.Node, int] | None:
 
 def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
     """The mask nodes and every node they are computed from."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
+    from asam_compile.passes.lift import ancestors
+
+    return ancestors(*nodes)
 
 
 def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:

@@ -146,15 +146,19 @@ def test_cpu_training_keeps_sdpa():
     torch.testing.assert_close(g, q.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_hf_mistral_sliding_window_through_flex():
+def small_mistral():
+    """An HF Mistral from a config (window 24, GQA) and 77 token ids."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=128, sliding_window=24, attn_implementation="eager",
     )
     torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (1, 77))
+    return transformers.MistralForCausalLM(cfg).eval(), torch.randint(0, 128, (1, 77))
+
+
+def test_hf_mistral_sliding_window_through_flex():
+    model, ids = small_mistral()
     with torch.no_grad(), asam_compile.capture() as cap:
         out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(ids).logits
         ref = copy.deepcopy(model).double()(ids).logits
@@ -170,14 +174,7 @@ def test_hf_mistral_without_cache_reads_its_packed_sequence_vector():
     """With use_cache=False, transformers 5.17 adds a packed-sequence mask made with cumsum/diff from the
     in-graph position_ids: a per-token vector evaluated once at compile time (Note [Small constants]) and
     read by index in the mask_mod, so the sliding window still goes to Flex and matches float64."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, sliding_window=24, attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (1, 77))
+    model, ids = small_mistral()
     with torch.no_grad(), asam_compile.capture() as cap:
         out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(
             ids, use_cache=False
