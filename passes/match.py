@@ -974,6 +974,8 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
     """Match every softmax; record a Candidate for each; return the matches."""
     matches = []
     mask_cache: dict[Any, Any] = {}  # layers share one mask node: evaluate it once per graph
+    root = _compat.compiled_frame_module()  # for asam_compile.sparse marks on the compiled module itself
+    root_type = type(root) if root is not None else None
     for node in gm.graph.nodes:
         implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
         if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
@@ -1005,19 +1007,18 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
                 cand.info["kernel"] = f"{m.flex_plan.kernel}: {m.flex_plan.reason}"
             elif isinstance(m.flex_plan, str):
                 cand.info["kernel"] = f"sdpa: {m.flex_plan}"
-            _plan_adaptive(node, m, config, cand)
+            _plan_adaptive(node, m, config, cand, root_type)
             matches.append(m)
             log.debug("matched %s (%s): %s", node.name, cand.module, cand.info)
         report.candidates.append(cand)
     return matches
 
 
-def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candidate) -> None:
+def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candidate, root_type: Any) -> None:
     """Send the site to adaptive sparse attention where its settings ask for it and it can run there."""
     from asam_compile.passes import adaptive
 
-    root = _compat.compiled_frame_module()
-    settings = adaptive.site_settings(softmax, config, type(root) if root is not None else None)
+    settings = adaptive.site_settings(softmax, config, root_type)
     if settings is None:
         return
     probs, out = _val(m.softmax), _val(m.out)
