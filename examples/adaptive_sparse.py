@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--coverage", type=float, default=0.99)
+    p.add_argument("--coverage", type=float, default=0.995)
     args = p.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
