@@ -32,6 +32,14 @@ def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> Sp
     return SparseSettings(**values)
 
 
+# Note [Adaptive under dynamic shapes]
+# adaptive_attention_call works with symbolic lengths (the block counts and the selection are traced with
+# them; tested on CPU over several lengths with one compile). The min_seq_len test on a symbolic length adds
+# a guard to Dynamo's shape environment: a graph compiled at or above min_seq_len serves every length above
+# it with the sparse call, and a shorter input recompiles once into a graph whose sites are exact (and the
+# other way round). That is the one recompile our options can cause, and only where a site may go sparse.
+
+
 def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, device: torch.device,
             requires_grad: bool) -> str | None:
     """Why this matched site cannot or should not go sparse (it then stays exact), or None."""
@@ -39,10 +47,9 @@ def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, d
         return f"adaptive sparse takes no mask or a causal one; this site has a {m.mask_kind} mask"
     if m.dropout_p:
         return "attention dropout (Flex has none)"
-    if any(isinstance(d, torch.SymInt) for d in (L, S)):
-        return "dynamic sequence length (adaptive sparse is built for static shapes only)"
-    if min(L, S) < settings.min_seq_len:
-        return f"{min(L, S)} tokens < min_seq_len={settings.min_seq_len}: sparsity does not pay"
+    # Under dynamic shapes these comparisons become guards (Note [Adaptive under dynamic shapes])
+    if bool(L < settings.min_seq_len) or bool(S < settings.min_seq_len):
+        return f"{min(int(L), int(S))} tokens < min_seq_len={settings.min_seq_len}: sparsity does not pay"
     if E != Ev:
         return f"Flex needs equal query and value head sizes ({E} vs {Ev})"
     if device.type == "cpu" and requires_grad:

@@ -327,3 +327,26 @@ def test_sparse_rejects_what_is_not_a_module():
         asam_compile.sparse(nn.Linear(2, 2), coverag=0.9)
     with pytest.raises(ValueError, match="coverage"):
         asam_compile.sparse(nn.Linear(2, 2), coverage=2)
+
+
+def test_dynamic_lengths_reuse_one_sparse_graph_and_min_seq_len_guards():
+    """Note [Adaptive under dynamic shapes]: one graph serves every length above min_seq_len, sparse and equal
+    to the dense reference over the kept blocks; a shorter input recompiles once into an exact graph."""
+    opts = {"mode": "adaptive", "min_seq_len": 400, "coverage": 0.5, "max_density": 1.0, "strict": True}
+    settings = SparseSettings(BS, 0.5, 1.0, 400, 2, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(CausalAttention(), backend="asam", dynamic=True, options=opts)
+    targets = []
+    for L in (520, 777, 300, 650):
+        inputs = qkv(L=L, H=2)
+        with torch.no_grad(), asam_compile.capture() as cap:
+            out = compiled(*inputs)
+        targets.append([c.target for c in cap.report.candidates])
+        if L >= 400:
+            ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=settings)
+            assert density < 0.95, density
+        else:
+            ref = exact(CausalAttention(), inputs)
+        torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
+    # compiled at 520 (sparse, reused at 777 and 650), once more at 300 (exact)
+    assert targets == [["adaptive"], [], ["sdpa"], []], targets
