@@ -32,6 +32,7 @@ from helpers import (
     sdpa_nodes,
     to_double,
 )
+import zoo
 from zoo import (
     H,
     HFIndexCausalMask,
@@ -732,3 +733,56 @@ def test_unrecognised_sfdp_compiles_outside_the_fx_cache(monkeypatch):
     (key_found, cache_found), (key_none, cache_none) = calls
     assert cache_found and not cache_none, calls
     assert key_found != key_none and key_none.endswith(":sfdp-0"), calls
+
+
+# ------------------------------------------------------------------------------ recompiles (issue 6)
+
+
+def _bert_inputs(n: int):
+    x = torch.randn((2, n, 64), generator=torch.Generator().manual_seed(n))
+    attention_mask = torch.ones((2, n), dtype=torch.long)
+    attention_mask[1, n - 5:] = 0
+    return x, attention_mask
+
+
+RECOMPILE_CASES = {
+    "matmul_transpose": lambda n: zoo.qkv(L=n),
+    "hf_index_causal": lambda n: zoo.qkv(L=n),
+    "repeat_kv_causal": lambda n: zoo.qkv(L=n, Hkv=2),
+    "nanogpt_causal_buffer": lambda n: zoo.hidden(L=n),
+    "hf_llama_gqa": lambda n: zoo.hidden(L=n),
+    "hf_bert_padding": _bert_inputs,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECOMPILE_CASES))
+def test_changing_lengths_recompile_as_often_as_plain_inductor(name):
+    """Automatic dynamic shapes (torch.compile's default) over four lengths: backend="asam" compiles exactly as
+    many graphs as plain torch.compile (no guards of ours), and the rewrite is in every graph it compiles."""
+    case = ZOO_BY_NAME[name]
+    lengths = (9, 13, 21, 29)  # within the nanoGPT buffer (32)
+
+    def graphs_compiled(backend):
+        calls = []
+
+        def counting(gm, example_inputs):
+            calls.append(gm)
+            return backend(gm, example_inputs)
+
+        torch._dynamo.reset()
+        model = case.make_model().eval()
+        compiled = torch.compile(model, backend=counting)
+        with torch.no_grad(), asam_compile.capture() as cap:
+            for n in lengths:
+                inputs = RECOMPILE_CASES[name](n)
+                torch.testing.assert_close(compiled(*inputs), model(*inputs), atol=2e-5, rtol=1e-4)
+        return len(calls), cap
+
+    from torch._inductor.compile_fx import compile_fx
+
+    n_plain, _ = graphs_compiled(compile_fx)
+    n_asam, cap = graphs_compiled(lambda gm, ex: asam_compile.asam_backend(gm, ex))
+    # a static graph for the first length, then one dynamic graph for the others
+    assert n_plain == 2, n_plain
+    assert n_asam == n_plain, (n_asam, n_plain)
+    assert len(cap.reports) == n_asam and all(len(r.rewritten) == case.n_sites for r in cap.reports), cap.report
