@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from asam_compile import runtime
+
 F = torch.nn.functional
 
 # Note [Dense fallback at run time]
@@ -140,6 +142,8 @@ def adaptive_attention_call(
 
     settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
     kept, partial, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+    if q.device.type == "cpu":
+        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
 
     num, idx = _indices(kept & partial)
     full_num, full_idx = _indices(kept & ~partial)

@@ -32,6 +32,13 @@ def register_score_mod(key: str, score_mod: Callable[..., Any]) -> str:
     return key
 
 
+def own_buffer(x: torch.Tensor) -> torch.Tensor:
+    """x copied into a buffer of its own, for Inductor's CPU Flex template: it reads the 4-D size of the
+    buffer under a view (cpp_flex_attention_template.choose_flex_template, torch 2.13), which fails with
+    "not enough values to unpack" for q/k/v that are views of a (B*L, H*E) projection (BERT, MiniLM)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def flex_attention_call(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,6 +62,8 @@ def flex_attention_call(
     """
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+    if q.device.type == "cpu":
+        q, k, v = (own_buffer(x) for x in (q, k, v))
     block_mask = BlockMask.from_kv_blocks(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
         BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),

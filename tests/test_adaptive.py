@@ -350,3 +350,30 @@ def test_dynamic_lengths_reuse_one_sparse_graph_and_min_seq_len_guards():
         torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     # compiled at 520 (sparse, reused at 777 and 650), once more at 300 (exact)
     assert targets == [["adaptive"], [], ["sdpa"], []], targets
+
+
+class ProjectedAttention(nn.Module):
+    """BERT-style: q, k, v are views (view + transpose) of (B*L, H*E) projections."""
+
+    def __init__(self, heads=4, dim=32) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.q, self.k, self.v = (nn.Linear(heads * dim, heads * dim) for _ in range(3))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, self.dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        probs = F.softmax(q @ k.transpose(-2, -1) / self.dim**0.5, dim=-1)
+        return (probs @ v).transpose(1, 2).reshape(B, L, -1)
+
+
+def test_projection_views_reach_cpu_flex():
+    """Inductor's CPU Flex template reads the size of the buffer under a q/k/v view; views of a projection
+    made it fail ("not enough values to unpack") and fall back to exact. They now get buffers of their own."""
+    torch.manual_seed(0)
+    model = ProjectedAttention().eval()
+    x = torch.randn(2, 300, 128)
+    out, cap = compile_adaptive(model, (x,), block_size=32, coverage=1.0, max_density=1.0)
+    assert [c.target for c in cap.report.candidates] == ["adaptive"]
+    assert not any(r.inductor_fallback for r in cap.reports), [r.inductor_fallback for r in cap.reports]
+    torch.testing.assert_close(out, exact(model, (x,)), atol=EXACT_TOL, rtol=1e-4)
