@@ -257,3 +257,27 @@ def compiled_frame_module() -> Any:
     except Exception:  # noqa: BLE001 - not inside Dynamo, or another torch: no root module known
         return None
     return first if isinstance(first, torch.nn.Module) else None
+
+
+def outside_dispatch_modes():
+    """A context in which the active TorchDispatchModes do not see the ops run (checked on torch 2.11, 2.13).
+
+    The runtime of a compiled graph runs the graph's first call under AOTAutograd's custom-op aliasing check
+    (_AnalyzeCustomOpInputOutputMode); inside our opaque op that mode breaks the vmap that
+    BlockMask.from_kv_blocks uses ("Cannot access storage of BatchedTensorImpl"). The op's body is ordinary
+    eager code that owes no mode a view of its internals.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def autograd_inside_op():
+    """A context in which autograd records again, inside a custom op's implementation (checked on torch 2.11,
+    2.13). The dispatcher runs a custom op's kernel with the autograd keys excluded; the backward op of
+    asam::adaptive_attention recomputes its forward and differentiates it, which needs them back."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)

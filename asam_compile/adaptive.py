@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from asam_compile import runtime
+from asam_compile import _compat, runtime
 
 F = torch.nn.functional
 
@@ -34,8 +34,10 @@ F = torch.nn.functional
 # needs data-dependent control flow in the compiled graph: torch.cond(density <= x, flex, sdpa) compiles
 # for plain modules, but inside an HF Llama graph Inductor (torch 2.13, CPU) passed the branch operands
 # with a layout other than the one the branch was compiled for (assert_size_stride fails), even after
-# explicit clones. Until that is solved, a diffuse (batch, head) keeps all its blocks (max_density) and
-# runs them in Flex: exact, at Flex's speed. min_seq_len keeps short sites on SDPA at compile time.
+# explicit clones. The choice is made instead inside an opaque custom op (Note [Adaptive attention op]),
+# opt-in (dense_fallback=True): its host sync and eager launches cost more than Flex's slower blocks except
+# where every pair is diffuse (measured on an H100; benchmarks/RESULTS.md). min_seq_len keeps short sites on
+# SDPA at compile time.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class SparseSettings:
     min_seq_len: int
     window: int
     sinks: int
+    dense_fallback: bool = False
 
 
 def _causal(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -67,8 +70,18 @@ def select_blocks(
     """(kept, partial, allowed) bool tensors of shape (B, H, QB, KB). See Note [Adaptive sparse attention].
 
     `allowed`: blocks the original mask lets any query see; `partial`: allowed blocks the mask cuts through
-    (need mask_mod); `kept`: the selection, a subset of `allowed`.
+    (need mask_mod); `kept`: the selection, a subset of `allowed` (all of it for a diffuse (batch, head)).
     """
+    kept, partial, allowed, dense = _select(q, k, scale, causal, settings)
+    kept = torch.where(dense[..., None, None], allowed, kept)
+    return kept, partial.expand_as(kept), allowed.expand_as(kept)
+
+
+def _select(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, settings: SparseSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept, partial, allowed, dense): the selection before the max_density rule, and the (B, H) bool of the
+    (batch, head) pairs that the rule sends to exact attention."""
     bs = settings.block_size
     B, H, L, _ = q.shape
     S = k.shape[2]
@@ -106,9 +119,8 @@ def select_blocks(
     kept = forced | torch.zeros_like(take).scatter(-1, order, take)
 
     n_allowed = allowed.sum().clamp(min=1)
-    density = kept.sum((-2, -1), keepdim=True) / n_allowed  # per (batch, head)
-    kept = torch.where(density > settings.max_density, allowed, kept)
-    return kept, partial.expand_as(kept), allowed.expand_as(kept)
+    density = kept.sum((-2, -1)) / n_allowed  # per (batch, head)
+    return kept, partial, allowed, density > settings.max_density
 
 
 def _indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +149,12 @@ def adaptive_attention_call(
     window: int,
     sinks: int,
 ) -> torch.Tensor:
-    """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v. Traced by Inductor."""
+    """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v, all in Flex (a diffuse
+    (batch, head) runs all its blocks there). Traced by Inductor into the compiled graph: no host sync, the
+    selection fused with the rest of the graph. The default; dense_fallback=True takes the op below."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
+    settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks, False)
     kept, partial, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
     if q.device.type == "cpu":
         q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
@@ -156,11 +170,144 @@ def adaptive_attention_call(
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
+# Note [Adaptive attention op]
+# The rewritten graph calls one custom op, asam::adaptive_attention, which Inductor treats as an opaque
+# kernel (its fake implementation gives the output's shape). Inside, per call:
+#   1. the block selection (Note [Adaptive sparse attention]), compiled on CUDA (one fused program);
+#   2. one host sync: how many (batch, head) pairs the max_density rule sends to exact attention;
+#   3. those pairs run SDPA (flash: about 1.45x Flex's speed per block), the others Flex on their kept blocks
+#      (a pair sent to SDPA keeps no block in Flex, so Flex skips it); all pairs dense: SDPA alone.
+# Choosing per call between two kernels is data-dependent control flow, which in-graph torch.cond could not
+# carry through Inductor (Note [Dense fallback at run time]); an opaque op can, and its output shape never
+# depends on the data, so it also serves every length under dynamic shapes. Gradients: a second op
+# recomputes the forward (same selection) with autograd and differentiates it, Flex's backward included.
+
+
+def _compiled(kind: str, device_type: str) -> Any:
+    """flex_attention (kind="flex") or _select (kind="select"), compiled once per device type. Selection is
+    left eager on CPU (compiling it costs more than it saves there)."""
+    key = (kind, device_type)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        if kind == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # as _compat.compile_fx(flex_on_cpu=True): Inductor's CPU Flex template refuses the epilogues
+            # its scheduler fuses into it.
+            fn = torch.compile(flex_attention, options={"epilogue_fusion": False} if device_type == "cpu" else None)
+        else:
+            fn = _select if device_type == "cpu" else torch.compile(_select)
+        _COMPILED[key] = fn
+    return fn
+
+
+_COMPILED: dict[tuple[str, str], Any] = {}
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
+            causal: bool) -> torch.Tensor:
+    """The body of asam::adaptive_attention (Note [Adaptive attention op]); differentiable."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    gqa = Hkv != H
+    with torch.no_grad():
+        kept, partial, _, dense = _compiled("select", q.device.type)(q.detach(), k.detach(), scale, causal, settings)
+        n_dense = int(dense.sum())
+    if n_dense == B * H:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    with torch.no_grad():
+        sparse = kept & ~dense[..., None, None]
+        cut, whole = sparse & partial, sparse & ~partial
+        block_mask = BlockMask.from_kv_blocks(
+            *_indices(cut), *_indices(whole), BLOCK_SIZE=settings.block_size,
+            mask_mod=_causal if causal else None, seq_lengths=(L, S), compute_q_blocks=False,
+        )
+        if torch.is_grad_enabled():
+            # The q-side indices that Flex's backward reads, from the block sets directly (from_kv_blocks
+            # derives them with vmap, which cannot run under the op's redispatch).
+            block_mask.q_num_blocks, block_mask.q_indices = _indices(cut.transpose(-2, -1))
+            block_mask.full_q_num_blocks, block_mask.full_q_indices = _indices(whole.transpose(-2, -1))
+    if q.device.type == "cpu":
+        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
+    out = _compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if n_dense:
+        pairs = dense.flatten().nonzero().squeeze(1)
+        b, h = pairs // H, pairs % H
+        hk = h // (H // Hkv)
+        exact = F.scaled_dot_product_attention(q[b, h][None], k[b, hk][None], v[b, hk][None], is_causal=causal,
+                                               scale=scale)
+        out = out.index_put((b, h), exact[0])
+    return out
+
+
+@torch.library.custom_op("asam::adaptive_attention", mutates_args=())
+def adaptive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, block_size: int,
+    coverage: float, max_density: float, window: int, sinks: int,
+) -> torch.Tensor:
+    """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v (GQA when H_kv < H):
+    (B, H, L, E), contiguous. Note [Adaptive attention op]."""
+    settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
+    with torch.no_grad(), _compat.outside_dispatch_modes():
+        # detached: Flex refuses inputs that require grad without the q-side indices of its backward
+        return _attend(q.detach(), k.detach(), v.detach(), settings, scale, causal).contiguous()
+
+
+@adaptive_attention.register_fake
+def _(q, k, v, scale, causal, block_size, coverage, max_density, window, sinks):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("asam::adaptive_attention_backward", mutates_args=())
+def adaptive_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+    block_size: int, coverage: float, max_density: float, window: int, sinks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of asam::adaptive_attention with respect to q, k, v: the forward recomputed (the selection
+    is a function of q and k, so it is the same) and differentiated; no gradient flows through the selection."""
+    settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
+    with torch.enable_grad(), _compat.outside_dispatch_modes(), _compat.autograd_inside_op():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _attend(*leaves, settings, scale, causal)
+        grads = torch.autograd.grad(out, leaves, grad)
+    return tuple(g.contiguous() for g in grads)
+
+
+@adaptive_attention_backward.register_fake
+def _(grad, q, k, v, scale, causal, block_size, coverage, max_density, window, sinks):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    q, k, v, *rest = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.rest = rest
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = adaptive_attention_backward(grad, q, k, v, *ctx.rest)
+    return (dq, dk, dv) + (None,) * len(ctx.rest)
+
+
+adaptive_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def is_adaptive_call(node: Any) -> bool:
+    """Whether an FX node is an adaptive sparse attention call (in-graph, or the dense_fallback op)."""
+    target = getattr(node, "target", None)
+    return target is adaptive_attention_call or target in (
+        torch.ops.asam.adaptive_attention.default, torch.ops.asam.adaptive_attention
+    )
+
+
 def reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool, settings: SparseSettings,
     kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Eager dense evaluation of what adaptive_attention_call computes (for tests and accuracy studies):
+    """Eager dense evaluation of what asam::adaptive_attention computes (for tests and accuracy studies):
     SDPA with the kept blocks (selected here, or given) as a dense boolean mask; also the block density."""
     selected, _, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
     kept = selected if kept is None else kept

@@ -14,7 +14,7 @@ MODES = ("exact", "adaptive")
 
 # The adaptive sparse settings (Note [Adaptive sparse attention] in asam_compile/adaptive.py). The same
 # names are options of the backend and keywords of asam_compile.sparse(...).
-SPARSE_FIELDS = ("block_size", "coverage", "max_density", "min_seq_len", "window", "sinks")
+SPARSE_FIELDS = ("block_size", "coverage", "max_density", "min_seq_len", "window", "sinks", "dense_fallback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,11 @@ class AsamConfig:
     window: int = 2
     # Leading key blocks (attention sinks) that are always kept.
     sinks: int = 1
+    # Run the (batch, head) pairs above max_density with SDPA flash instead of all their blocks in Flex, chosen
+    # per call inside an opaque op (Note [Adaptive attention op] in asam_compile/adaptive.py). It costs a host
+    # sync and eager launches per call: measured on an H100 it was slower than the in-graph default wherever
+    # the selection was sparse, and faster only where every pair was diffuse (benchmarks/RESULTS.md).
+    dense_fallback: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
@@ -99,7 +104,8 @@ def _validate(key: str, value: Any) -> None:
     if key == "mode":
         if value not in MODES:
             raise _bad(key, value, f"one of {list(MODES)}")
-    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor", "allow_sparse"):
+    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor", "allow_sparse",
+                 "dense_fallback"):
         if not isinstance(value, bool):
             raise _bad(key, value, "True or False")
     elif key == "flex":

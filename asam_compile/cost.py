@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-# Calibration (H100 80GB, torch 2.11, bf16, B=1, H=16, D=128; shared/FIELD_NOTES.md, 2026-11-26):
-# SDPA flash runs causal attention at 455-634 TFLOP/s from 4k to 64k tokens; Flex causal at 0.63-0.72x
-# of that; at 1k tokens Flex takes ~0.1 ms more than SDPA (launch and block-mask overheads). A mask that is
-# neither causal nor absent sends SDPA to its memory-efficient kernel with a materialised L x S mask, taken
-# here at half the flash rate plus reading the mask once (2 bytes an element at 3 TB/s).
-FLASH_FLOPS = 600e12
-FLEX_SPEED = 0.67  # Flex's rate relative to SDPA flash on the blocks it computes
-MASKED_SDPA_SPEED = 0.5  # SDPA with a dense mask, relative to flash (not yet measured: a conservative guess)
-FLEX_OVERHEAD_S = 1.0e-4
+# Calibration: benchmarks/calibrate_cost.py on an H100 80GB (torch 2.11, bf16, B=1, H=16, D=128, 2k-32k tokens,
+# windows 256-4096 and causal; 2026-11-26, benchmarks/results/2026-11-26_h100_calibrate_cost.json). Fitted:
+# SDPA flash 549 TFLOP/s; Flex at 0.68x of that on the blocks it computes, plus 27 us a call; SDPA with a
+# dense L x S mask (what a mask that is neither causal nor absent gets; cuDNN picks it up) at 0.52x of flash
+# plus reading the mask once (2 bytes an element at 3 TB/s). With these constants the cost model picks the
+# faster kernel in 27/27 measured cases (the earlier guesses: 24/27; all 3 misses at 2k tokens).
+FLASH_FLOPS = 549e12
+FLEX_SPEED = 0.68  # Flex's rate relative to SDPA flash on the blocks it computes
+MASKED_SDPA_SPEED = 0.52  # SDPA with a dense mask, relative to flash
+FLEX_OVERHEAD_S = 2.7e-5
 HBM_BYTES_PER_S = 3.0e12
 # CPU: compiled Flex runs inference only (no backward), and has not been timed against SDPA here; take it
 # only where it skips at least three quarters of the blocks of a long sequence.

@@ -11,6 +11,7 @@ Inputs (--inputs):
   planted  every query block of every head attends strongly to `--hits` random earlier key blocks
            (concentrated attention, as real deep layers show; random q/k alone give uniform attention)
   random   plain Gaussian q, k, v: diffuse attention, the worst case (heads fall back to dense)
+--fallback adds rows for dense_fallback=True (Note [Adaptive attention op]).
   FILE.pt  a dict {"q", "k", "v"} of (B, H, L, D) tensors saved from a real model (see --help of
            benchmarks/attention_profile.py); lengths are cut to each --seqs entry
 
@@ -93,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-density", type=float, default=0.5)
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--sinks", type=int, default=1)
+    p.add_argument("--fallback", action="store_true",
+                   help="also time dense_fallback=True (diffuse pairs on SDPA flash, chosen per call in an op)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=5)
@@ -123,9 +126,10 @@ def main() -> None:
         ms_flash = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev, args.iters)
         rows.append({"seq": L, "mode": "sdpa-flash", "ms": ms_flash, "density": 1.0, "rel_err": floor, "fired": "-"})
         runs = [("asam-exact", {})] + [
-            (f"adaptive c={c}", {"mode": "adaptive", "coverage": c, "max_density": args.max_density,
-                                 "window": args.window, "sinks": args.sinks, "min_seq_len": 0})
-            for c in args.coverages
+            (f"adaptive{'+fallback' if fb else ''} c={c}",
+             {"mode": "adaptive", "coverage": c, "max_density": args.max_density, "window": args.window,
+              "sinks": args.sinks, "min_seq_len": 0, "dense_fallback": fb})
+            for c in args.coverages for fb in ([False, True] if args.fallback else [False])
         ]
         for name, opts in runs:
             torch._dynamo.reset()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import statistics
-import subprocess
 import time
 from typing import Any, Callable
 
-import torch
+# Shared with the `asam-compile bench` command line; re-exported here for the benchmark scripts.
+from asam_compile.cli import free, git_revision, is_oom, sync  # noqa: F401
 
 
 def bench(fn: Callable[[], Any], device: str, iters: int, warmup_ms: int = 100, rep_ms: int = 200) -> float:
@@ -26,27 +25,5 @@ def bench(fn: Callable[[], Any], device: str, iters: int, warmup_ms: int = 100, 
 
 
 def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def is_oom(e: BaseException | None) -> bool:
-    """Whether an exception (or one it wraps: Dynamo wraps what a backend raised) is an out-of-memory."""
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(dev: str) -> None:
-    gc.collect()
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+    """The checkout's revision (`git describe --always --dirty`), or "unknown"."""
+    return git_revision() or "unknown"

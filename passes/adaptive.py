@@ -2,7 +2,7 @@
 
 A site goes sparse in mode="adaptive", or when a module marked with asam_compile.sparse(...) is on its
 nn_module_stack; the innermost mark's settings override the backend's options. The rewrite then emits
-asam_compile.adaptive.adaptive_attention_call instead of SDPA (Note [Adaptive sparse attention]).
+the asam::adaptive_attention op (asam_compile.adaptive) instead of SDPA (Note [Adaptive sparse attention]).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> Sp
 
 
 # Note [Adaptive under dynamic shapes]
-# adaptive_attention_call works with symbolic lengths (the block counts and the selection are traced with
-# them; tested on CPU over several lengths with one compile). The min_seq_len test on a symbolic length adds
+# asam::adaptive_attention works with symbolic lengths (an opaque op whose output has q's shape; the block
+# counts and the selection are computed when it runs; tested on CPU over several lengths with one compile).
+# The min_seq_len test on a symbolic length adds
 # a guard to Dynamo's shape environment: a graph compiled at or above min_seq_len serves every length above
 # it with the sparse call, and a shorter input recompiles once into a graph whose sites are exact (and the
 # other way round). That is the one recompile our options can cause, and only where a site may go sparse.

@@ -139,11 +139,18 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
         kwargs["enable_gqa"] = True
     if m.adaptive is not None:
         st = m.adaptive
-        out = emit(
-            adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=m.mask_kind == "causal",
-            enable_gqa=m.enable_gqa, block_size=st.block_size, coverage=st.coverage, max_density=st.max_density,
-            window=st.window, sinks=st.sinks,
-        )
+        causal = m.mask_kind == "causal"
+        if st.dense_fallback:
+            out = emit(
+                torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, st.block_size, st.coverage,
+                st.max_density, st.window, st.sinks,
+            )
+        else:
+            out = emit(
+                adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=causal, enable_gqa=m.enable_gqa,
+                block_size=st.block_size, coverage=st.coverage, max_density=st.max_density, window=st.window,
+                sinks=st.sinks,
+            )
     elif m.mask_kind == "flex":
         out = _emit_flex(gm, emit, m, q, k, v)
     else:

@@ -25,7 +25,7 @@ EXACT_TOL = 2e-5  # float32, compiled Flex vs SDPA on the same blocks
 def count_adaptive(graphs) -> int:
     return sum(
         1 for gm in graphs for n in gm.graph.nodes
-        if n.op == "call_function" and n.target is adaptive.adaptive_attention_call
+        if n.op == "call_function" and adaptive.is_adaptive_call(n)
     )
 
 
@@ -184,6 +184,59 @@ def test_concentrated_attention_is_accurate_at_low_density():
     assert density < 0.5 and err < 0.05 and err_local > 4 * err, (density, err, err_local)
 
 
+def mixed_heads(B=2, L=2048):
+    """Planted (concentrated) heads 0, 1 and uniform heads 2, 3 (q = 0: a flat estimate), with GQA (2 kv heads
+    of 2 query heads each) and a batch of 2 whose second item swaps the kinds: the max_density rule then sends
+    a different set of (batch, head) pairs to exact attention in each batch item."""
+    q, k, v = planted(B=B, H=2, L=L)
+    q = q.repeat_interleave(2, dim=1) + 0.1 * torch.randn(B, 4, L, q.shape[-1], generator=torch.Generator().manual_seed(1))
+    q[0, 2:] = 0
+    q[1, :2] = 0
+    return q, k, v
+
+
+def test_dense_fallback_runs_diffuse_pairs_in_sdpa_and_the_others_sparse():
+    """Note [Adaptive attention op], dense_fallback=True: the (batch, head) pairs above max_density run SDPA (exact), the others
+    Flex on their kept blocks; together they equal the dense reference whose diffuse pairs keep every block."""
+    inputs = mixed_heads()
+    st = SparseSettings(BS, 0.8, 0.5, 0, 1, 1)
+    _, _, _, dense = adaptive._select(*inputs[:2], 32**-0.5, True, st)
+    assert dense.tolist() == [[False, False, True, True], [True, True, False, False]], dense
+    out, cap = compile_adaptive(CausalAttention(), inputs, coverage=0.8, max_density=0.5, window=1, sinks=1,
+                                dense_fallback=True)
+    assert [n.target for gm in cap.graphs for n in gm.graph.nodes if adaptive.is_adaptive_call(n)] == [
+        torch.ops.asam.adaptive_attention.default]
+    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
+    full = exact(CausalAttention(), inputs)
+    torch.testing.assert_close(out[0, 2:], full[0, 2:], atol=EXACT_TOL, rtol=1e-4)  # exact pairs
+    torch.testing.assert_close(out[1, :2], full[1, :2], atol=EXACT_TOL, rtol=1e-4)
+    assert (out[0, :2] - full[0, :2]).abs().max() > 1e-3, "the concentrated pairs should have been sparse"
+    assert density < 0.8, density
+
+
+def test_all_pairs_diffuse_is_plain_sdpa():
+    inputs = qkv(L=1000, H=4, Hkv=2)
+    out = torch.ops.asam.adaptive_attention(*inputs, 32**-0.5, True, BS, 0.9, 0.0, 1, 1)  # max_density 0: all
+    torch.testing.assert_close(out, exact(CausalAttention(), inputs), atol=EXACT_TOL, rtol=1e-4)
+    assert out.is_contiguous()
+
+
+def test_op_gradients_on_the_exact_path():
+    """The op's backward (recompute, then autograd) on CPU where every pair is exact (CPU Flex has no backward;
+    the sparse path's gradients are tested on the GPU): equal to SDPA's, in float64."""
+    q, k, v = (x.double().requires_grad_() for x in qkv(L=300, H=4, Hkv=2))
+    grad = torch.randn(1, 4, 300, 32, dtype=torch.float64)
+    out = torch.ops.asam.adaptive_attention(q, k, v, 32**-0.5, True, BS, 0.9, 0.0, 1, 1)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.library.opcheck(torch.ops.asam.adaptive_attention.default,
+                          (q.detach(), k.detach(), v.detach(), 32**-0.5, True, BS, 0.9, 0.0, 1, 1))
+
+
 # ------------------------------------------------------------------------------------------ who goes sparse
 
 
@@ -309,6 +362,7 @@ def test_hf_llama_adaptive_full_coverage_matches_exact():
         ({"sinks": 1.5}, "sinks"),
         ({"min_seq_len": True}, "min_seq_len"),
         ({"coverag": 0.9}, "coverag"),
+        ({"dense_fallback": "yes"}, "dense_fallback"),
     ],
 )
 def test_bad_options_name_what_was_wrong(options, needle):

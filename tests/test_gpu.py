@@ -120,3 +120,39 @@ def test_gpu_adaptive_forward_and_backward_bf16(gqa):
         assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"adaptive grad {i}", slack=1e-3)
     _, density = reference(q, k, v, scale=64**-0.5, causal=True, settings=settings)
     assert density < 0.6, density
+
+
+def test_gpu_adaptive_mixed_pairs_forward_and_backward_bf16():
+    """Note [Adaptive attention op] (dense_fallback=True) on the GPU: diffuse (batch, head) pairs run SDPA flash, the others Flex;
+    forward and the three gradients (the op's backward recomputes through both kernels) are no worse than
+    the same dense-masked program in bf16, judged against float64."""
+    from asam_compile.adaptive import SparseSettings, _select, reference, select_blocks
+    from test_adaptive import CausalAttention, mixed_heads
+
+    q, k, v = (x.cuda() for x in mixed_heads(L=2048))
+    settings = SparseSettings(128, 0.8, 0.5, 0, 1, 1)
+    dense = _select(q.bfloat16(), k.bfloat16(), 32**-0.5, True, settings)[3]
+    assert dense.tolist() == [[False, False, True, True], [True, True, False, False]], dense
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 0.5, "window": 1, "sinks": 1,
+            "dense_fallback": True, "strict": True}
+    compiled = torch.compile(CausalAttention(), backend="asam", options=opts, fullgraph=True)
+
+    def grads(fn, dtype):
+        xs = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        out.float().pow(2).sum().backward()
+        return out.detach().double(), [x.grad.double() for x in xs]
+
+    with asam_compile.capture() as cap:
+        out, g = grads(compiled, torch.bfloat16)
+    assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
+    kept = select_blocks(q.bfloat16(), k.bfloat16(), scale=32**-0.5, causal=True, settings=settings)[0]
+
+    def ref_fn(*xs):
+        return reference(*xs, scale=32**-0.5, causal=True, settings=settings, kept=kept)[0]
+
+    ref_out, ref_g = grads(ref_fn, torch.float64)
+    bf_out, bf_g = grads(ref_fn, torch.bfloat16)
+    assert_no_worse(max_abs_err(out, ref_out), max_abs_err(bf_out, ref_out), "mixed forward", slack=1e-3)
+    for i, (a, r, b) in enumerate(zip(g, ref_g, bf_g)):
+        assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"mixed grad {i}", slack=1e-3)

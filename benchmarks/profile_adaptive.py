@@ -1,0 +1,81 @@
+"""Where does the time of one asam::adaptive_attention call go? Its steps timed one by one on the same input.
+
+    select       the block selection (compiled on CUDA), without and with the host sync that reads how many
+                 (batch, head) pairs go exact
+    mask         BlockMask.from_kv_blocks and the index tensors, from a given selection
+    flex         compiled flex_attention on that BlockMask alone
+    op           the whole op; sdpa: SDPA flash (is_causal) on the same q, k, v
+Then a torch.profiler table of a few op calls (CPU and device time per kernel and Python op).
+
+    python benchmarks/profile_adaptive.py --inputs planted --seq 16384
+    python benchmarks/profile_adaptive.py --inputs qkv/smollm2_L8192_layer14.pt --seq 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench_adaptive import make_inputs
+from common import bench
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", default="planted")
+    p.add_argument("--seq", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--hits", type=int, default=4)
+    p.add_argument("--logit", type=float, default=8.0)
+    p.add_argument("--coverage", type=float, default=0.995)
+    p.add_argument("--max-density", type=float, default=0.5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args()
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from asam_compile import adaptive
+
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    q, k, v = make_inputs(args, args.seq, dev, dtype)
+    scale = q.shape[-1] ** -0.5
+    st = adaptive.SparseSettings(128, args.coverage, args.max_density, 0, 2, 1)
+    select = adaptive._compiled("select", q.device.type)
+    flex = adaptive._compiled("flex", q.device.type)
+    kept, partial, _, dense = select(q, k, scale, True, st)
+    sparse = kept & ~dense[..., None, None]
+
+    def build():
+        return BlockMask.from_kv_blocks(*adaptive._indices(sparse & partial), *adaptive._indices(sparse & ~partial),
+                                        BLOCK_SIZE=128, mask_mod=adaptive._causal, seq_lengths=(q.shape[2], k.shape[2]),
+                                        compute_q_blocks=False)
+
+    bm = build()
+    op = torch.ops.asam.adaptive_attention
+    rows = {
+        "select": bench(lambda: select(q, k, scale, True, st), dev, args.iters),
+        "select+sync": bench(lambda: int(select(q, k, scale, True, st)[3].sum()), dev, args.iters),
+        "mask": bench(build, dev, args.iters),
+        "flex": bench(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
+        "op": bench(lambda: op(q, k, v, scale, True, 128, args.coverage, args.max_density, 2, 1), dev, args.iters),
+        "sdpa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev, args.iters),
+    }
+    print({"inputs": args.inputs, "seq": args.seq, "dense_pairs": int(dense.sum()), "pairs": dense.numel(),
+           "density": adaptive.block_density(kept, _ := kept | True)}, flush=True)
+    for name, ms in rows.items():
+        print(f"{name:12s} {ms:8.3f} ms", flush=True)
+    with torch.profiler.profile() as prof:
+        for _ in range(5):
+            op(q, k, v, scale, True, 128, args.coverage, args.max_density, 2, 1)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+
+
+if __name__ == "__main__":
+    main()
