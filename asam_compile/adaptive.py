@@ -220,15 +220,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseS
     with torch.no_grad():
         sparse = kept & ~dense[..., None, None]
         cut, whole = sparse & partial, sparse & ~partial
+        # Flex's backward also reads q-side indices, which from_kv_blocks derives with vmap; only the backward
+        # op's recompute needs them (the forward op runs with functorch's keys excluded, where vmap fails).
         block_mask = BlockMask.from_kv_blocks(
             *_indices(cut), *_indices(whole), BLOCK_SIZE=settings.block_size,
-            mask_mod=_causal if causal else None, seq_lengths=(L, S), compute_q_blocks=False,
+            mask_mod=_causal if causal else None, seq_lengths=(L, S),
+            compute_q_blocks=any(x.requires_grad for x in (q, k, v)),
         )
-        if torch.is_grad_enabled():
-            # The q-side indices that Flex's backward reads, from the block sets directly (from_kv_blocks
-            # derives them with vmap, which cannot run under the op's redispatch).
-            block_mask.q_num_blocks, block_mask.q_indices = _indices(cut.transpose(-2, -1))
-            block_mask.full_q_num_blocks, block_mask.full_q_indices = _indices(whole.transpose(-2, -1))
     if q.device.type == "cpu":
         q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
     out = _compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
