@@ -203,6 +203,62 @@ def smollm2(seq: int, batch: int, dtype: torch.dtype, device: str, size: str = "
     return Built(model, _lm_inputs(ids, train), note="pretrained 135M", hf=True)
 
 
+
+_ATTENTION = {"tiny": (2, 32), "small": (8, 64), "medium": (16, 128)}  # heads, head dim
+
+
+class CausalAttention(torch.nn.Module):
+    """Causal attention over given (B, H, L, D) q, k, v, written by hand (what asam looks for), or with SDPA
+    (attn_implementation="sdpa": the hand-edited baseline)."""
+
+    def __init__(self, attn_implementation: str = "eager") -> None:
+        super().__init__()
+        self.sdpa = attn_implementation == "sdpa"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sdpa:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        L = q.shape[-2]
+        s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+        return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def planted_qkv(B: int, H: int, L: int, D: int, hits: int, device: str, dtype: torch.dtype, seed: int = 0,
+                block: int = 128, logit: float = 8.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v whose attention is concentrated: every query block of every head attends to `hits` random earlier
+    key blocks (a planted block raises its queries' logits by about `logit` over the background), as real deep
+    layers do; plain random q and k give uniform attention, which no sparse method can skip."""
+    strength = (logit * hits * D**0.5) ** 0.5  # |d|^2 / (hits * sqrt(D)) = logit
+    g = torch.Generator().manual_seed(seed)  # built on the host, then moved: the loops below are scalar
+    q = 0.5 * torch.randn(B, H, L, D, generator=g)
+    k = 0.5 * torch.randn(B, H, L, D, generator=g)
+    v = torch.randn(B, H, L, D, generator=g)
+    for i in range(1, L // block):
+        # each head of this query block looks at `hits` earlier key blocks through its own direction
+        targets = torch.randint(0, i, (B, H, hits), generator=g)
+        d = torch.randn(B, H, hits, D, generator=g)
+        d = d / d.norm(dim=-1, keepdim=True) * strength
+        q[:, :, i * block:(i + 1) * block] += d.sum(2, keepdim=True) / hits**0.5
+        for t in range(hits):
+            for b in range(B):
+                for h in range(H):
+                    j = int(targets[b, h, t])
+                    k[b, h, j * block:(j + 1) * block] += d[b, h, t] / hits**0.5
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def attention(seq: int, batch: int, dtype: torch.dtype, device: str, size: str = "small",
+              attn_implementation: str = "eager", train: bool = False) -> Built:
+    """Causal attention alone on planted concentrated q, k, v (`planted_qkv`, 4 hits): the adaptive mode's case."""
+    heads, dim = _ATTENTION[size]
+    q, k, v = planted_qkv(batch, heads, seq, dim, 4, device, dtype)
+    if train:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return Built(CausalAttention(attn_implementation), {}, (q, k, v), note=f"planted, H={heads} D={dim}", hf=True)
+
+
 BUILTIN: dict[str, Spec] = {
     "llama": Spec("llama", llama, hf=True),
     "gpt2": Spec("gpt2", gpt2, hf=True),
@@ -210,6 +266,7 @@ BUILTIN: dict[str, Spec] = {
     "vit": Spec("vit", vit, hf=True),
     "mistral-swa": Spec("mistral-swa", mistral_swa, hf=True),
     "smollm2": Spec("smollm2", smollm2, hf=True),
+    "attention": Spec("attention", attention, hf=True),
 }
 
 

@@ -30,39 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from asam_compile.models import CausalAttention, planted_qkv
 from common import bench, git_rev
-
-
-class HandWrittenCausal(nn.Module):
-    def forward(self, q, k, v):
-        L = q.shape[-2]
-        s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
-        return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
-
-
-def planted(B, H, L, D, hits, device, dtype, seed=0, block=128, logit=8.0):
-    """A planted key block raises its queries' logits by about `logit` over the background."""
-    strength = (logit * hits * D**0.5) ** 0.5  # |d|^2 / (hits * sqrt(D)) = logit
-    g = torch.Generator().manual_seed(seed)  # built on the host, then moved: the loops below are scalar
-    q = 0.5 * torch.randn(B, H, L, D, generator=g)
-    k = 0.5 * torch.randn(B, H, L, D, generator=g)
-    v = torch.randn(B, H, L, D, generator=g)
-    n = L // block
-    for i in range(1, n):
-        # each head of this query block looks at `hits` earlier key blocks through its own direction
-        targets = torch.randint(0, i, (B, H, hits), generator=g)
-        d = torch.randn(B, H, hits, D, generator=g)
-        d = d / d.norm(dim=-1, keepdim=True) * strength
-        q[:, :, i * block:(i + 1) * block] += d.sum(2, keepdim=True) / hits**0.5
-        for t in range(hits):
-            idx = targets[:, :, t]  # (B, H)
-            for b in range(B):
-                for h in range(H):
-                    j = int(idx[b, h])
-                    k[b, h, j * block:(j + 1) * block] += d[b, h, t] / hits**0.5
-    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 def make_inputs(args, L, device, dtype):
@@ -70,7 +39,7 @@ def make_inputs(args, L, device, dtype):
         g = torch.Generator(device=device).manual_seed(0)
         return tuple(torch.randn(1, args.heads, L, args.dim, generator=g, device=device, dtype=dtype) for _ in range(3))
     if args.inputs == "planted":
-        return planted(1, args.heads, L, args.dim, args.hits, device, dtype, logit=args.logit)
+        return planted_qkv(1, args.heads, L, args.dim, args.hits, device, dtype, logit=args.logit)
     saved = torch.load(args.inputs)
     q, k, v = (saved[n][..., :L, :].to(device, dtype) for n in ("q", "k", "v"))
     if k.shape[1] != q.shape[1]:  # grouped-query heads: the hand-written module takes them repeated
@@ -114,7 +83,7 @@ def main() -> None:
     }
     print(header, flush=True)
     rows = []
-    model = HandWrittenCausal()
+    model = CausalAttention()
     for L in args.seqs:
         t0 = time.time()
         q, k, v = make_inputs(args, L, dev, dtype)

@@ -132,6 +132,19 @@ def test_bench_builtin_llama_and_hand_edited(tmp_path):
     assert m["asam"]["speedup"] is None  # no inductor row to compare with
 
 
+def test_bench_builtin_attention_adaptive(tmp_path):
+    """The `attention` model (causal attention alone on planted q, k, v): the adaptive headline row of the CLI."""
+    out_json = tmp_path / "rows.json"
+    status = cli.main(["bench", "--model", "attention", "--seq", "512", "--modes", "eager,asam,asam-adaptive,sdpa-edited-eager",
+                       "-o", "min_seq_len=0", "--json", str(out_json), *FAST])
+    assert status == 0
+    m = by_mode(json.loads(out_json.read_text()))
+    assert m["asam"]["rewritten"] == "1/1 sdpa" and m["asam-adaptive"]["rewritten"] == "1/1 adaptive"
+    assert m["asam"]["max_err"] < 1e-4 and m["sdpa-edited-eager"]["max_err"] < 1e-4
+    # approximate, but on concentrated attention close to exact (coverage 0.995)
+    assert 0 < m["asam-adaptive"]["max_err"] < 0.05, m["asam-adaptive"]
+
+
 def test_explain_prints_sites_and_adaptive_settings(capsys, tmp_path):
     out_json = tmp_path / "explain.json"
     status = cli.main(["explain", "--model", "llama", "gpt2", "--size", "tiny", "--seq", "32", "--adaptive",
