@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from asam_compile import _compat, adaptive, runtime
 from asam_compile.config import AsamConfig
-from asam_compile.report import GraphReport, Report
+from asam_compile.report import GraphReport, Reject, Report
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def run_passes(
             current = snapshot
             report.failures.append(f"{name}: {type(e).__name__}: {e}")
             for c in report.candidates:
-                if c.status == "rewritten" and name in ("match", "rewrite"):
-                    c.status, c.target = "refused", None
+                if c.status in ("rewritten", "matched") and name in ("match", "rewrite"):
+                    c.status, c.target, c.reject = "refused", None, Reject.PASS_FAILED
                     c.detail = f"{name} pass failed: {e}"
             _warn_once(
                 f"{name}:{type(e).__name__}",

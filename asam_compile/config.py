@@ -72,6 +72,8 @@ class AsamConfig:
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
         """Build and validate a config; unknown keys and bad values raise ValueError naming them."""
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"asam_compile: options must be a dict of option names to values, got {type(options).__name__}")
         options = dict(options or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - set(fields))

@@ -29,6 +29,8 @@ class Reject(enum.Enum):
     DTYPE = "query/key/value dtypes cannot be reconciled"
     EINSUM_UNSUPPORTED = "an einsum equation that is not a plain attention contraction"
     EMPTY = "zero-length sequence or head size"
+    CHANGED_IN_PLACE = "a tensor the attention reads is changed in place between the scores and the value matmul"
+    PASS_FAILED = "a pass of ours failed on this graph; the graph was restored and left as it was"
 
 
 @dataclasses.dataclass

@@ -31,6 +31,8 @@ def sparse(target: Any = None, /, **settings: Any) -> Any:
     come from the backend's options. `enabled=False` removes a mark.
     """
     enabled = settings.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"asam_compile.sparse: enabled={enabled!r} is not allowed; expected True or False")
     marks = _checked(settings)
     if target is None:  # @sparse(...) with arguments
         return functools.partial(_mark, marks=marks, enabled=enabled)

@@ -375,6 +375,16 @@ def _peel_scalars(node: Any, factors: list[tuple[Any, bool]]) -> Any:
 
 
 def _is_last_two_swap(node: Any) -> bool:
+    """x.transpose(-2, -1), or x.permute(0, .., n-1, n-2) (the same view): Kᵀ as attention code writes it."""
+    is_method = isinstance(node, fx.Node) and node.op == "call_method" and node.target == "permute"
+    if _call(node, torch.permute) or is_method:
+        dims = node.kwargs.get("dims", node.args[1:])
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        n = _val(node).dim()
+        if len(dims) != n or not all(isinstance(d, int) for d in dims) or n < 2:
+            return False
+        return [d % n for d in dims] == [*range(n - 2), n - 1, n - 2]
     if not _call(node, torch.transpose):
         return False
     n = _val(node).dim()
@@ -434,6 +444,8 @@ def _qk_operands(qk: fx.Node, factors: list[tuple[Any, bool]]) -> tuple[Operand,
         raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
     (e,) = contracted
     ql, kl, batch = lo[-2], lo[-1], lo[:-2]
+    if ql in lb and ql not in la and kl in la:  # K written first ("bhsd,bhld->bhls"): the same contraction
+        (la, lb), ops = (lb, la), [ops[1], ops[0]]
     if ql not in la or ql in lb or kl not in lb or kl in la or any(c not in la or c not in lb for c in batch):
         raise Rejection(Reject.EINSUM_UNSUPPORTED, eq)
     if set(la) != set(batch + ql + e) or set(lb) != set(batch + kl + e):
@@ -823,6 +835,15 @@ def match_attention(
         if rk and rv and rk[1] == rv[1] and rk[1] > 1 and _val(rk[0]).shape[1] == _val(rv[0]).shape[1]:
             k, v, enable_gqa = Operand(rk[0]), Operand(rv[0]), True
 
+    # Note [Tensors changed in place inside the pattern]
+    sources = [q.node, k.node, v.node, v_full.node, *mask_nodes, *(f for f, _ in sym)]
+    if isinstance(flex_plan, FlexPlan):
+        sources += list(flex_plan.capture_nodes)
+    mutated = _mutated_inside(sources, out, gm, mask_cache)
+    if mutated is not None:
+        raise Rejection(Reject.CHANGED_IN_PLACE, f"{mutated.name} changes a tensor in place between the scores and "
+                        "the value matmul: one SDPA call there would read the changed value")
+
     # dtypes: SDPA runs in the dtype the original matmuls ran in (the autocast dtype under autocast)
     out_dtype = sv.dtype
     compute_dtype = torch.promote_types(qv.dtype, sv.dtype)
@@ -835,6 +856,70 @@ def match_attention(
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
     )
+
+
+# Note [Tensors changed in place inside the pattern]
+# The original reads q, k and the mask where it computes the scores, and v at the value matmul; the one SDPA
+# call that replaces it reads all of them at the value matmul. An op that changes one of them in place in
+# between (`k.mul_(2)`, `k[:, :, 0] = 0`, `mask.zero_()` after the scores are made) would reach SDPA but not
+# the original. Which tensors a mutation touches (views alias their base) is not tracked: any op that may
+# change a tensor in place, placed after the first read of an SDPA input on the way to the value matmul and
+# before the value matmul, refuses the site. Attention code has no such ops in that window (KV cache writes
+# come before the scores), so nothing real is lost. Found by tests/test_properties.py.
+
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul,
+}
+
+
+def _may_mutate(node: fx.Node) -> bool:
+    """Whether `node` may change one of its inputs in place (x.add_, x[i] = y, x += y, inplace=True, out=)."""
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+            return False  # operator.and_ / or_ / not_ are not in place
+        name = getattr(node.target, "__name__", "")
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return False
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None
+
+
+def _mutated_inside(sources: list[Any], out: fx.Node, gm: fx.GraphModule, cache: dict[Any, Any] | None) -> fx.Node | None:
+    """The first node that may change a tensor in place after the pattern first reads one of `sources` on the
+    way to `out`, and before `out`; None if there is none."""
+    order = cache.get(("order", id(gm))) if cache is not None else None
+    if order is None:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        if cache is not None:
+            cache[("order", id(gm))] = order
+    srcs = {s for s in sources if isinstance(s, fx.Node)}
+    if not srcs:
+        return None
+    lowest = min(order[s] for s in srcs)
+    # ancestors of `out` that come after the earliest source: the nodes on the way from the sources to out
+    seen, todo = {out}, [out]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and order[a] >= lowest:
+                seen.add(a)
+                todo.append(a)
+    reads = [order[u] for s in srcs for u in s.users if u in seen]
+    if not reads:
+        return None
+    start, end = min(reads), order[out]
+    nodes = list(gm.graph.nodes)
+    for n in nodes[start:end]:
+        if _may_mutate(n):
+            return n
+    return None
 
 
 # Note [Captured tensors in Flex]

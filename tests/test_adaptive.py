@@ -370,6 +370,13 @@ def test_bad_options_name_what_was_wrong(options, needle):
         asam_compile.AsamConfig.from_options(options)
 
 
+def test_options_and_enabled_of_the_wrong_type_name_the_problem():
+    with pytest.raises(TypeError, match="options must be a dict"):
+        asam_compile.AsamConfig.from_options(["strict"])
+    with pytest.raises(TypeError, match="enabled='no'"):
+        asam_compile.sparse(nn.Linear(2, 2), enabled="no")
+
+
 def test_sparse_rejects_what_is_not_a_module():
     with pytest.raises(TypeError, match="int"):
         asam_compile.sparse(3)
