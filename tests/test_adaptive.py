@@ -206,6 +206,7 @@ def test_dense_fallback_runs_diffuse_pairs_in_sdpa_and_the_others_sparse():
                                 dense_fallback=True)
     assert [n.target for gm in cap.graphs for n in gm.graph.nodes if adaptive.is_adaptive_call(n)] == [
         torch.ops.asam.adaptive_attention.default]
+    assert cap.report.candidates[0].info["adaptive"].endswith("dense_fallback=True")
     ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
     torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     full = exact(CausalAttention(), inputs)
