@@ -654,6 +654,27 @@ def test_train_mode_dropout_is_passed_on():
         assert count_softmax(cap.graphs) == 1
 
 
+def test_train_mode_dropout_keeps_its_probability():
+    """Measured, not only passed on: with uniform attention (q = 0) over S keys and v the S x S identity, each
+    output entry is one dropped-or-kept probability, 0 or 1 / (S (1 - p)); the share of zeros is the dropout rate
+    actually applied, eager and rewritten alike."""
+    from zoo import FunctionalDropout
+
+    p, B, H, S = 0.3, 2, 4, 64
+    q = torch.zeros(B, H, S, S)
+    v = torch.eye(S).expand(B, H, S, S).contiguous()
+    model = FunctionalDropout(p=p).train()
+    torch.manual_seed(0)
+    eager = model(q, q, v)
+    out, cap = compile_capture(model, (q, q, v), inductor=False, strict=True)
+    assert [c.target for c in cap.report.candidates] == ["sdpa"], candidate_summary(cap.report.candidates)
+    for name, o in (("eager", eager), ("asam", out)):
+        zeros = (o == 0).float().mean().item()
+        kept = o[o != 0]
+        assert abs(zeros - p) < 0.02, (name, zeros)  # 32768 entries: 4 standard deviations is 0.01
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (S * (1 - p))))
+
+
 @pytest.mark.parametrize("l,s", [(0, 17), (17, 0)], ids=["L=0", "S=0"])
 def test_empty_sequence_refused(l, s):
     model, inputs = MatmulTranspose(), qkv(L=l, S=s)
