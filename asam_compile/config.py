@@ -55,9 +55,10 @@ class AsamConfig:
     coverage: float = 0.995
     # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
     max_density: float = 0.5
-    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured on an
-    # H100 (benchmarks/RESULTS.md): at 8k tokens (SmolLM2 heads) adaptive was slower than SDPA flash at every
-    # density; at 16k (H=16, D=128) 3.2-3.4x faster. The crossover between them is not measured yet.
+    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured
+    # (benchmarks/RESULTS.md): at 8k tokens (SmolLM2 heads, H100) adaptive was slower than SDPA flash at every
+    # density; at 16k (H=16, D=128, concentrated inputs) 2.6-3.0x faster on an H100 and 3.2-3.4x on an H200.
+    # The crossover between them is not measured yet.
     min_seq_len: int = 16384
     # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
     window: int = 2
