@@ -15,6 +15,8 @@ the attention probabilities as soon as they exist (one layer at a time: never al
     pooled:  softmax over causal key blocks of mean(q over the query block) . mean(k over the key block) / sqrt(E)
     sampled: exact attention rows of `--samples` evenly spaced queries of each query block (the last one
              included), summed per key block: costs samples/block of full attention.
+    antidiagonal_s: XAttention-style strided antidiagonal sums of the scores (`--strides`): costs 1/s of the
+             scores' matmul.
 
 q and k are taken after RoPE: transformers' llama `eager_attention_forward` is wrapped (LlamaAttention
 looks it up by name on every call) and gets them as its arguments; the probabilities are its second result.
@@ -124,6 +126,26 @@ def make_sampled(samples: int) -> Callable[..., torch.Tensor]:
     return estimate_sampled
 
 
+def make_antidiagonal(stride: int) -> Callable[..., torch.Tensor]:
+    def estimate_antidiagonal(q, k, P, block, scale):
+        """Estimated block mass (H, N, N) from strided antidiagonal sums, as XAttention scores blocks: query rows
+        r*s+i are paired with key rows c*s+(s-1-i), so Q' K'^T sums each s x s tile of scores along one
+        antidiagonal; a causal softmax of those sums (divided by s: a mean score per tile), summed per block.
+        Costs 1/s of the scores' matmul."""
+        H, L, E = q.shape
+        s = stride
+        qs = q.reshape(H, L // s, s * E)
+        ks = k.reshape(H, L // s, s, E).flip(2).reshape(H, L // s, s * E)
+        tiles = (qs @ ks.transpose(-1, -2)) * (scale / s)
+        i = torch.arange(L // s, device=q.device)
+        tiles = tiles.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(-1)
+        est = block_sums(tiles, block // s)
+        return est / est.sum(-1, keepdim=True)
+
+    estimate_antidiagonal.__name__ = f"antidiagonal_{stride}"
+    return estimate_antidiagonal
+
+
 def profile_heads(
     q: torch.Tensor, k: torch.Tensor, P: torch.Tensor, block: int, scale: float, args: argparse.Namespace
 ) -> dict[str, list[float]]:
@@ -149,7 +171,7 @@ def profile_heads(
     out["top8_mass"] = top8[:, n // 2 :].mean(-1).tolist()
 
     forced = forced_blocks(n, args.sinks, args.window, P.device)
-    estimators = [estimate_pooled, make_sampled(args.samples)]
+    estimators = [estimate_pooled, make_sampled(args.samples)] + [make_antidiagonal(s) for s in args.strides]
     for estimate in estimators:
         name = estimate.__name__.removeprefix("estimate_")
         keep = select_blocks(estimate(q, k, P, block, scale), args.coverage, forced)
@@ -207,17 +229,20 @@ def print_tables(L: int, layers: list[dict], args: argparse.Namespace) -> None:
     print(tabulate(rows, headers=["layer", "entropy/log(keys)", *(f"density @{c:.0%}" for c in COVERAGES),
                                   "worst late q-block @95%", "top-8 blocks' mass %"]))
 
+    names = ["pooled", f"sampled_{args.samples}"] + [f"antidiagonal_{s}" for s in args.strides]
     rows = []
     for i, layer in enumerate(layers):
         row = [i]
-        for name in ("pooled", f"sampled_{args.samples}"):
-            row += [mm(layer, f"{name}_true_mass", "min"), mm(layer, f"{name}_worst_mass", "min"),
-                    mm(layer, f"{name}_density", "max")]
+        for name in names:
+            row += [mm(layer, f"{name}_true_mass", "min"), mm(layer, f"{name}_density", "max")]
         rows.append(row)
+    means = ["all"] + [f"{100 * sum(sum(layer[f'{name}_{what}']) / len(layer[f'{name}_{what}']) for layer in layers) / len(layers):.1f}"
+                       for name in names for what in ("true_mass", "density")]
+    rows.append(means)
     print(f"\nL={L}: estimators keeping sinks={args.sinks}, window={args.window} blocks, then {args.coverage:.0%} "
-          "of the estimated mass (true mass kept %: mean over heads / worst head; density %: mean / worst head)")
-    print(tabulate(rows, headers=["layer", "pooled true mass", "pooled worst q-block", "pooled density",
-                                  f"sampled_{args.samples} true mass", "worst q-block", "density"]))
+          "of the estimated mass (true mass kept %: mean over heads / worst head; density %: mean / worst head; "
+          "last row: means over layers and heads)")
+    print(tabulate(rows, headers=["layer"] + [f"{n} {w}" for n in names for w in ("true mass", "density")]))
 
 
 def main() -> None:
@@ -228,6 +253,8 @@ def main() -> None:
     p.add_argument("--sinks", type=int, default=1, help="leading key blocks the estimators always keep")
     p.add_argument("--window", type=int, default=1, help="key blocks up to the diagonal always kept (1 = the diagonal)")
     p.add_argument("--samples", type=int, default=8, help="query rows per block of the sampled estimator")
+    p.add_argument("--strides", type=int, nargs="*", default=[8, 16],
+                   help="strides of the antidiagonal (XAttention-style) estimator")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=str(RESULTS / "attention_profile_smollm2.json"))
     args = p.parse_args()
