@@ -296,9 +296,7 @@ adaptive_attention.register_autograd(_backward, setup_context=_setup_context)
 def is_adaptive_call(node: Any) -> bool:
     """Whether an FX node is an adaptive sparse attention call (in-graph, or the dense_fallback op)."""
     target = getattr(node, "target", None)
-    return target is adaptive_attention_call or target in (
-        torch.ops.asam.adaptive_attention.default, torch.ops.asam.adaptive_attention
-    )
+    return target is adaptive_attention_call or target is torch.ops.asam.adaptive_attention.default
 
 
 def reference(

@@ -189,3 +189,25 @@ def input_grads(
     loss = sum((o * w.to(o.device, o.dtype)).sum() for o, w in zip(outs, weights) if o.requires_grad)
     grads = torch.autograd.grad(loss, [inputs[i] for i in argnums])
     return list(grads), weights
+
+
+def compile_capture(model, inputs, fullgraph=True, dynamic=None, **options):
+    """torch.compile(model, backend="asam", options=options), run once under asam_compile.capture()."""
+    import asam_compile
+
+    compiled = torch.compile(model, backend="asam", options=options, fullgraph=fullgraph, dynamic=dynamic)
+    with asam_compile.capture() as cap:
+        out = compiled(*inputs)
+    return out, cap
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """exc and every exception it wraps (__cause__, __context__, Dynamo's inner_exception)."""
+    chain, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is c for c in chain):
+            continue
+        chain.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
+    return chain

@@ -24,9 +24,11 @@ from helpers import (
     assert_close_to_ref,
     assert_no_worse,
     candidate_summary,
+    compile_capture,
     count_sdpa,
     count_softmax,
     double_copy,
+    exception_chain,
     input_grads,
     max_abs_err,
     sdpa_nodes,
@@ -47,25 +49,6 @@ from zoo import (
 )
 
 PASS_NAMES = ("normalize", "match", "rewrite")
-
-
-def compile_capture(model, inputs, fullgraph=True, dynamic=None, **options):
-    compiled = torch.compile(model, backend="asam", options=options, fullgraph=fullgraph, dynamic=dynamic)
-    with asam_compile.capture() as cap:
-        out = compiled(*inputs)
-    return out, cap
-
-
-def exception_chain(exc: BaseException) -> list[BaseException]:
-    """exc and every exception it wraps (__cause__, __context__, Dynamo's inner_exception)."""
-    chain, todo = [], [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is c for c in chain):
-            continue
-        chain.append(e)
-        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
-    return chain
 
 
 class Block(nn.Module):

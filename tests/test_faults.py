@@ -33,31 +33,13 @@ from torch._dynamo.utils import counters
 
 import asam_compile
 from asam_compile import AsamConfig, Reject
-from helpers import candidate_summary, count_sdpa, count_softmax
+from helpers import candidate_summary, compile_capture, count_sdpa, count_softmax, exception_chain
 from zoo import CustomScaleAttr, MatmulTranspose, qkv
 
 
 def _injected(name: str) -> type[Exception]:
     # A fresh class per test: the backend warns once per (pass, exception type).
     return type(f"Injected{name.title()}Fault_{uuid.uuid4().hex[:8]}", (RuntimeError,), {})
-
-
-def exception_chain(exc: BaseException) -> list[BaseException]:
-    chain, todo = [], [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is c for c in chain):
-            continue
-        chain.append(e)
-        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
-    return chain
-
-
-def compile_capture(model, inputs, fullgraph=True, **options):
-    compiled = torch.compile(model, backend="asam", options=options, fullgraph=fullgraph)
-    with asam_compile.capture() as cap:
-        out = compiled(*inputs)
-    return out, cap
 
 
 class TwoSites(nn.Module):

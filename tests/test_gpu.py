@@ -78,6 +78,36 @@ def test_gpu_backward_bf16(name):
 # ------------------------------------------------------------------------ adaptive sparse mode on CUDA
 
 
+def check_adaptive_bf16_against_reference(model, opts, settings, qkv_, scale, label):
+    """Compile `model` with `opts`, run it in bf16 with gradients, and check that its one site went adaptive and
+    that its output and the three gradients are no worse, against float64, than the same dense-masked program
+    (the kept blocks as a boolean SDPA mask) run in bf16."""
+    from asam_compile.adaptive import reference, select_blocks
+
+    q, k, v = qkv_
+    compiled = torch.compile(model, backend="asam", options=opts, fullgraph=True)
+
+    def grads(fn, dtype):
+        xs = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        out.float().pow(2).sum().backward()
+        return out.detach().double(), [x.grad.double() for x in xs]
+
+    with asam_compile.capture() as cap:
+        out, g = grads(compiled, torch.bfloat16)
+    assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
+    kept = select_blocks(q.bfloat16(), k.bfloat16(), scale=scale, causal=True, settings=settings)[0]
+
+    def ref_fn(*xs):
+        return reference(*xs, scale=scale, causal=True, settings=settings, kept=kept)[0]
+
+    ref_out, ref_g = grads(ref_fn, torch.float64)
+    bf_out, bf_g = grads(ref_fn, torch.bfloat16)  # the same dense-masked program in bf16: the error budget
+    assert_no_worse(max_abs_err(out, ref_out), max_abs_err(bf_out, ref_out), f"{label} forward", slack=1e-3)
+    for i, (a, r, b) in enumerate(zip(g, ref_g, bf_g)):
+        assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"{label} grad {i}", slack=1e-3)
+
+
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 def test_gpu_adaptive_forward_and_backward_bf16(gqa):
     """The compiled block-sparse kernel equals dense attention restricted to the kept blocks (forward and
@@ -93,31 +123,7 @@ def test_gpu_adaptive_forward_and_backward_bf16(gqa):
     settings = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1,
             "sinks": 1, "strict": True}
-    model = CausalAttention()
-    compiled = torch.compile(model, backend="asam", options=opts, fullgraph=True)
-
-    def grads(fn, dtype):
-        xs = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
-        out = fn(*xs)
-        out.float().pow(2).sum().backward()
-        return out.detach().double(), [x.grad.double() for x in xs]
-
-    with asam_compile.capture() as cap:
-        out, g = grads(compiled, torch.bfloat16)
-    assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
-
-    from asam_compile.adaptive import select_blocks
-
-    kept = select_blocks(q.bfloat16(), k.bfloat16(), scale=64**-0.5, causal=True, settings=settings)[0]
-
-    def ref_fn(*xs):
-        return reference(*xs, scale=64**-0.5, causal=True, settings=settings, kept=kept)[0]
-
-    ref_out, ref_g = grads(ref_fn, torch.float64)
-    bf_out, bf_g = grads(ref_fn, torch.bfloat16)  # the same dense-masked program in bf16: the error budget
-    assert_no_worse(max_abs_err(out, ref_out), max_abs_err(bf_out, ref_out), "adaptive forward", slack=1e-3)
-    for i, (a, r, b) in enumerate(zip(g, ref_g, bf_g)):
-        assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"adaptive grad {i}", slack=1e-3)
+    check_adaptive_bf16_against_reference(CausalAttention(), opts, settings, (q, k, v), 64**-0.5, "adaptive")
     _, density = reference(q, k, v, scale=64**-0.5, causal=True, settings=settings)
     assert density < 0.6, density
 
@@ -126,7 +132,7 @@ def test_gpu_adaptive_mixed_pairs_forward_and_backward_bf16():
     """Note [Adaptive attention op] (dense_fallback=True) on the GPU: diffuse (batch, head) pairs run SDPA flash, the others Flex;
     forward and the three gradients (the op's backward recomputes through both kernels) are no worse than
     the same dense-masked program in bf16, judged against float64."""
-    from asam_compile.adaptive import SparseSettings, _select, reference, select_blocks
+    from asam_compile.adaptive import SparseSettings, _select
     from test_adaptive import CausalAttention, mixed_heads
 
     q, k, v = (x.cuda() for x in mixed_heads(L=2048))
@@ -135,24 +141,4 @@ def test_gpu_adaptive_mixed_pairs_forward_and_backward_bf16():
     assert dense.tolist() == [[False, False, True, True], [True, True, False, False]], dense
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 0.5, "window": 1, "sinks": 1,
             "dense_fallback": True, "strict": True}
-    compiled = torch.compile(CausalAttention(), backend="asam", options=opts, fullgraph=True)
-
-    def grads(fn, dtype):
-        xs = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
-        out = fn(*xs)
-        out.float().pow(2).sum().backward()
-        return out.detach().double(), [x.grad.double() for x in xs]
-
-    with asam_compile.capture() as cap:
-        out, g = grads(compiled, torch.bfloat16)
-    assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
-    kept = select_blocks(q.bfloat16(), k.bfloat16(), scale=32**-0.5, causal=True, settings=settings)[0]
-
-    def ref_fn(*xs):
-        return reference(*xs, scale=32**-0.5, causal=True, settings=settings, kept=kept)[0]
-
-    ref_out, ref_g = grads(ref_fn, torch.float64)
-    bf_out, bf_g = grads(ref_fn, torch.bfloat16)
-    assert_no_worse(max_abs_err(out, ref_out), max_abs_err(bf_out, ref_out), "mixed forward", slack=1e-3)
-    for i, (a, r, b) in enumerate(zip(g, ref_g, bf_g)):
-        assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"mixed grad {i}", slack=1e-3)
+    check_adaptive_bf16_against_reference(CausalAttention(), opts, settings, (q, k, v), 32**-0.5, "mixed")
