@@ -20,9 +20,11 @@ CPU_MIN_ELEMENTS = 4096 * 4096
 
 
 def choose_kernel(
-    *, B: int, H: int, L: int, S: int, E: int, density: float, device_type: str, requires_grad: bool, policy: str
+    *, B: int, H: int, L: int, S: int, E: int, density: float, device_type: str, requires_grad: bool, policy: str,
+    build_s: float = 0.0,
 ) -> tuple[str, str]:
-    """("flex" | "sdpa", reason) for one site. `policy` is the `flex` option: "auto", "always" or "never"."""
+    """("flex" | "sdpa", reason) for one site. `policy` is the `flex` option: "auto", "always" or "never".
+    `build_s`: seconds to build the block mask on every call (masks read at run time; 0 for constant ones)."""
     if policy == "never":
         return "sdpa", "flex='never'"
     if device_type == "cpu" and requires_grad:
@@ -34,7 +36,7 @@ def choose_kernel(
     work = 4.0 * B * H * L * S * E
     if device_type == "cuda":
         t_sdpa = work / (FLASH_FLOPS * MASKED_SDPA_SPEED) + 2.0 * B * L * S / HBM_BYTES_PER_S
-        t_flex = FLEX_OVERHEAD_S + density * work / (FLASH_FLOPS * FLEX_SPEED)
+        t_flex = FLEX_OVERHEAD_S + build_s + density * work / (FLASH_FLOPS * FLEX_SPEED)
         if t_flex < t_sdpa:
             return "flex", f"block density {density:.2f}: est. Flex {t_flex * 1e3:.3f} ms < SDPA+mask {t_sdpa * 1e3:.3f} ms"
         return "sdpa", f"block density {density:.2f}: est. SDPA+mask {t_sdpa * 1e3:.3f} ms <= Flex {t_flex * 1e3:.3f} ms"

@@ -1,10 +1,12 @@
-"""Runtime ops that rewritten graphs call: FlexAttention with a block mask built at compile time."""
+"""Runtime ops that rewritten graphs call: FlexAttention, and block masks built in the graph from runtime masks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -30,6 +32,102 @@ def register_captures(key: str, captures: tuple[Any, ...]) -> None:
 def register_score_mod(key: str, score_mod: Callable[..., Any]) -> str:
     SCORE_MODS[key] = score_mod
     return key
+
+
+@contextlib.contextmanager
+def _bound(mask_key: str, captured: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """Note [Captured tensors in Flex] in passes/match.py: the mask functions of `mask_key` read `captured`
+    (this call's traced tensors) instead of the compile-time values, while the block runs."""
+    holders = CAPTURES.get(mask_key, ())
+    saved = [h.tensor for h in holders]
+    try:
+        for holder, tensor in zip(holders, captured):
+            holder.tensor = tensor
+        yield
+    finally:
+        for holder, tensor in zip(holders, saved):
+            holder.tensor = tensor
+
+
+# Note [Block tables leave the graph through an opaque op]
+# On an H100 (torch 2.11), when the block tables built in the graph fed the Flex call directly, Inductor fused
+# their last steps (sort, casts) into the Flex template as a prologue, and inference graphs with batch > 1 hit
+# illegal memory accesses inside that template (training graphs, which save the tables, did not). The
+# tables therefore pass through asam::block_tables, an opaque copy that also expands them to the full
+# (batch, heads) of the call, so Flex reads plain contiguous buffers and never broadcasts a block mask
+# (pytorch issue 172225 reports out-of-bounds reads with broadcast batch / head dims). They are small:
+# (B, H, L/128, S/128) int32.
+
+
+@torch.library.custom_op("asam::block_tables", mutates_args=())
+def block_tables(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
+    full_kv_indices: torch.Tensor, batch: int, heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four tables expanded to (batch, heads, ...) and copied (Note [Block tables leave the graph through an
+    opaque op])."""
+    tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    return tuple(t.expand(batch, heads, *t.shape[2:]).contiguous() for t in tables)  # type: ignore[return-value]
+
+
+@block_tables.register_fake
+def _(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, batch, heads):
+    tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    return tuple(t.new_empty((batch, heads, *t.shape[2:])) for t in tables)
+
+
+def block_mask_tensors_call(
+    *captured: torch.Tensor,
+    mask_key: str,
+    batch_heads: tuple[int, int],
+    seq_lengths: tuple[int, int],
+    block_size: int,
+    device: torch.device,
+    neginf_key: str | None = None,
+    full_batch_heads: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The block-mask tensors of a mask that reads runtime inputs, built in the graph on every call.
+
+    Note [Runtime masks as in-graph block masks] in passes/match.py. Returns (kv_num_blocks, kv_indices,
+    full_kv_num_blocks, full_kv_indices, empty_rows[, neginf_rows]): block tables classified as torch's
+    create_block_mask does (Note [Block classification] in asam_compile/block_mask.py), and bool
+    (B', H', L, 1) rows with no key kept (and rows whose additive mask is all -inf, with neginf_key).
+    Inductor traces it: the mask elements feed reductions and are never stored. With full_batch_heads (B, H),
+    the tables come out expanded to it through asam::block_tables (Note [Block tables leave the graph through
+    an opaque op]).
+    """
+    from asam_compile.block_mask import _dense_to_ordered
+
+    Bm, Hm = batch_heads
+    L, S = seq_lengths
+    bs = block_size
+    nq, nk = math.ceil(L / bs), math.ceil(S / bs)
+    keep_fn = MASK_MODS[mask_key]
+    b = torch.arange(Bm, device=device)[:, None, None, None]
+    h = torch.arange(Hm, device=device)[None, :, None, None]
+    q_pad = torch.arange(nq * bs, device=device)
+    kv_pad = torch.arange(nk * bs, device=device)
+    with _bound(mask_key, captured):
+        # positions past L or S count as removed; clamped indices keep captured reads in range
+        inside = (q_pad < L)[None, None, :, None] & (kv_pad < S)[None, None, None, :]
+        q = q_pad.clamp(max=L - 1)[None, None, :, None]
+        kv = kv_pad.clamp(max=S - 1)[None, None, None, :]
+        keep = (keep_fn(b, h, q, kv) & inside).broadcast_to(Bm, Hm, nq * bs, nk * bs)
+        counts = keep.reshape(Bm, Hm, nq, bs, nk, bs).sum(dim=(3, 5))
+        q, kv = q[:, :, :L], kv[..., :S]
+        empty = ~keep_fn(b, h, q, kv).broadcast_to(Bm, Hm, L, S).any(dim=-1, keepdim=True)
+        neginf = None
+        if neginf_key is not None:
+            neginf = MASK_MODS[neginf_key](b, h, q, kv).broadcast_to(Bm, Hm, L, S).all(dim=-1, keepdim=True)
+    full = counts == bs * bs
+    partial = (counts > 0) & ~full
+    kv_num_blocks, kv_indices = _dense_to_ordered(partial)
+    full_kv_num_blocks, full_kv_indices = _dense_to_ordered(full)
+    tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    if full_batch_heads is not None:
+        tables = torch.ops.asam.block_tables(*tables, *full_batch_heads)
+    out = (*tables, empty)
+    return out if neginf is None else (*out, neginf)
 
 
 def own_buffer(x: torch.Tensor) -> torch.Tensor:
@@ -68,18 +166,9 @@ def flex_attention_call(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
         BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),
     )
-    holders = CAPTURES.get(mask_key, ())
-    saved = [h.tensor for h in holders]
-    try:
-        # Note [Captured tensors in Flex] in passes/match.py: read this call's (traced) tensors
-        for holder, tensor in zip(holders, captured):
-            holder.tensor = tensor
-        with warnings.catch_warnings():
-            # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            score_mod = SCORE_MODS[score_key] if score_key else None
-            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    finally:
-        for holder, tensor in zip(holders, saved):
-            holder.tensor = tensor
+    with _bound(mask_key, captured), warnings.catch_warnings():
+        # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        score_mod = SCORE_MODS[score_key] if score_key else None
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 

@@ -116,12 +116,17 @@ class Capture:
 
     node: fx.Node | None
     tensor: Tensor
+    # True for a value read from a runtime input (Note [Masks read at run time]): `tensor` is then only
+    # the example's value, and a block mask must be built from the traced value on every call.
+    runtime: bool = False
 
 
-def _captured(t: Tensor, node: fx.Node | None = None, sink: list[Capture] | None = None) -> _Value:
+def _captured(
+    t: Tensor, node: fx.Node | None = None, sink: list[Capture] | None = None, runtime: bool = False
+) -> _Value:
     """A tensor read at the index: FlexAttention supports captured tensors."""
     dims = [d for d in range(t.dim()) if t.shape[d] > 1]
-    holder = Capture(node, t)
+    holder = Capture(node, t, runtime)
     if sink is not None and node is not None:
         sink.append(holder)
 
@@ -384,6 +389,16 @@ def _runtime_inputs(node: fx.Node, values_only: bool = False) -> list[str]:
 # evaluated value is valid because the value cannot change while the shapes do not (Dynamo guards them).
 _SMALL_CONSTANT = 1 << 20
 
+# Note [Masks read at run time]
+# A mask that reads the values of a runtime input (HF's padding mask `attention_mask[b, kv]`, the document
+# ids HF computes from caller-given position_ids) cannot become a block mask at compile time. With
+# lift(..., runtime=True) such values are lifted as captured tensors read by index, like buffers: a
+# runtime graph input used as a tensor, and any node computed from runtime inputs by ops that are not
+# index arithmetic (cumsum, diff), provided the value is small (at most _SMALL_CONSTANT elements, static
+# shape: per-token vectors such as (B, L), never an L x S tensor made at compile time). Their `tensor` is the
+# example's value (for the cost model's density and the name only); the rewritten graph passes the traced
+# value to an in-graph block-mask build (asam_compile.runtime.block_mask_tensors_call) on every call.
+
 
 def ancestors(*nodes: fx.Node) -> set[fx.Node]:
     """The nodes and every node they are computed from."""
@@ -410,8 +425,9 @@ def _is_size_query(node: fx.Node) -> bool:
 
 
 class _Lifter:
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], runtime: bool = False) -> None:
         self.gm = gm
+        self.runtime = runtime  # lift small runtime values as captures, see Note [Masks read at run time]
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = dict(zip(placeholders, example_inputs))
         self.env: dict[fx.Node, Any] = {}
@@ -650,20 +666,26 @@ class _Lifter:
         small = self._small_constant(node)
         if small is not None:
             return small
+        if self.runtime and _runtime_inputs(node, values_only=True):
+            small = self._small_constant(node, runtime=True)
+            if small is not None:
+                return small
         inputs = _runtime_inputs(node)
         reads = f", reading runtime input {', '.join(inputs)}" if inputs else ""
         raise NotLiftable(f"op {_op_name(node)} is not index arithmetic ({node.name}{reads})")
 
-    def _small_constant(self, node: fx.Node) -> _Value | None:
+    def _small_constant(self, node: fx.Node, runtime: bool = False) -> _Value | None:
         """Note [Small constants]: a small tensor computed from shapes and buffers only (HF's
         packed_sequence_mask = cumsum(diff(position_ids) != 1) with position_ids = arange(L)) is evaluated
-        once here and read by index, like a buffer; its node is passed to Flex at run time (a Capture)."""
+        once here and read by index, like a buffer; its node is passed to Flex at run time (a Capture).
+        runtime=True: the same for a small value computed from runtime inputs, evaluated on the example
+        inputs and marked as read at run time (Note [Masks read at run time])."""
         ev = _compat.example_value(node)
         if not isinstance(ev, Tensor) or ev.is_complex() or any(_is_symbolic(d) for d in ev.shape):
             return None
-        if sum(1 for d in ev.shape if d > 1) > 1 or ev.numel() > _SMALL_CONSTANT:
+        if (sum(1 for d in ev.shape if d > 1) > 1 and not runtime) or ev.numel() > _SMALL_CONSTANT:
             return None  # not a per-token vector: an L x S tensor is never made at compile time
-        if self.standins or _runtime_inputs(node, values_only=True):
+        if self.standins or (_runtime_inputs(node, values_only=True) and not runtime):
             return None
         anc = ancestors(node)
         env: dict[fx.Node, Any] = {}
@@ -686,7 +708,7 @@ class _Lifter:
         value = env[node]
         if not isinstance(value, Tensor) or tuple(value.shape) != tuple(ev.shape):
             return None
-        return _captured(value, node, self.captures)
+        return _captured(value, node, self.captures, runtime=runtime)
 
     def _placeholder(self, node: fx.Node) -> Any:
         x = self.inputs.get(node)
@@ -703,6 +725,10 @@ class _Lifter:
             return _captured(x, node, self.captures)
         if kind == "parameter":
             raise NotLiftable(f"reads the values of parameter {node.name}")
+        if self.runtime and isinstance(x, Tensor) and not _is_fake(x) and isinstance(ev, Tensor):
+            if not any(_is_symbolic(d) for d in ev.shape) and not x.is_complex() and x.numel() <= _SMALL_CONSTANT:
+                return _captured(x, node, self.captures, runtime=True)  # Note [Masks read at run time]
+            raise NotLiftable(f"runtime input {node.name} {tuple(ev.shape)} is too big or dynamic to read at run time")
         raise NotLiftable(f"reads the values of runtime input {node.name}")
 
     # -- elementwise ---------------------------------------------------------------------------------
@@ -1085,15 +1111,18 @@ def _is_fake(x: Tensor) -> bool:
 # public API
 
 
-def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[Lifted]:
+def lift(nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: Sequence[Any], runtime: bool = False) -> list[Lifted]:
     """Lift each node (a tensor that broadcasts to the scores from the right) into an index function.
+
+    runtime=True also lifts small values read from runtime inputs, as captures marked `runtime` (Note
+    [Masks read at run time]); a block mask for such functions must be built in the graph.
 
     Raises NotLiftable, with a reason for users, if any ancestor is not index arithmetic on shapes,
     constants and buffers. Never mutates the graph, and adds no guard to a dynamic-shape graph.
     Under dynamic shapes the functions are right for every value of the size symbols (a use of a
     symbol's value raises NotLiftable), and Lifted.shape may hold SymInts.
     """
-    lifter = _Lifter(gm, example_inputs)
+    lifter = _Lifter(gm, example_inputs, runtime)
     out = []
     for node in nodes:
         try:

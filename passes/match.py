@@ -98,6 +98,13 @@ class FlexPlan:
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # kv_num_blocks, kv_indices, full_*
     score_key: str | None = None  # key of the score_mod in asam_compile.runtime.SCORE_MODS, for biases
     capture_nodes: tuple[fx.Node, ...] = ()  # nodes of the tensors the mask/score functions read
+    # (B', H') of the block mask (1 where the mask does not depend on batch / head)
+    mask_batch_heads: tuple[int, int] = (1, 1)
+    # True: the mask reads runtime inputs and its block mask is built in the graph on every call
+    # (Note [Masks read at run time] in passes/lift.py); `tensors` is then empty
+    in_graph: bool = False
+    neginf_key: str | None = None  # in_graph, additive mask: MASK_MODS key of "every term is -inf here"
+    batch_heads: tuple[int, int] = (1, 1)  # (B, H) of the call: in-graph tables are expanded to it
 
 
 class Rejection(Exception):
@@ -814,9 +821,20 @@ def match_attention(
                 fixup = _runtime_fixup(scores)
         else:
             mask_kind, fixup = "dense", _runtime_fixup(scores)
+        if not samples and mask_kind == "dense":
+            # Note [Runtime masks as in-graph block masks]
+            try:
+                flex_plan = _plan_runtime_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, dropout_p)
+            except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
+                if config.strict:
+                    raise
+                log.warning("asam_compile: Flex planning failed for %s (%s: %s); kept a dense mask",
+                            softmax.name, type(e).__name__, e)
+                flex_plan = f"Flex planning failed: {type(e).__name__}: {e}"
 
     if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
-        mask_kind, fixup = "flex", None
+        # a runtime mask may leave rows without keys on some call: they keep the run-time fix-up
+        mask_kind, fixup = "flex", (fixup if flex_plan.in_graph else None)
 
     # shapes after our layout glue: batch dims must agree (SDPA does not broadcast them like matmul does)
     qs, ks, vs = (_shape_after(o) for o in (q, k, v))
@@ -992,7 +1010,124 @@ def _plan_flex(
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
-                    tuple(c.node for c in captures))
+                    tuple(c.node for c in captures), (Bm, Hm))
+
+
+# Note [Runtime masks as in-graph block masks]
+# A mask that reads runtime inputs (padding, document ids from caller-given position_ids) is lifted with
+# runtime captures (Note [Masks read at run time] in passes/lift.py). Its block mask is built inside the
+# graph on every call (asam_compile.runtime.block_mask_tensors_call, once per mask per graph, shared by the
+# layers), from the traced values: one fused pass over the (B', H', L, S) mask elements, never stored, then
+# a sort of the (B', H', L/128, S/128) block table. The same build says which query rows have no key
+# left; those get the original's result (Note [Fully masked rows]), as on the dense path, because padding
+# makes such rows at run time (left padding) and we cannot know at compile time.
+# Density for the cost model comes from the example call's values (the first call); the kernel choice is
+# then fixed for the graph. Additive terms are left out of the score (kept positions add 0) only where the
+# graph proves each term is 0 or a removed-key value whatever the runtime values are (a `where` or
+# `masked_fill` of constants: HF's masks); otherwise a score_mod adds them, which is exact for any values.
+# Static shapes only (Note [Flex under dynamic shapes]); 4-D sites only.
+
+_BUILD_ELEMENTS_PER_S = 2.0e11  # in-graph block-mask build, mask elements per second (H100, est.)
+
+
+def _exclusion_only(node: Any, depth: int = 0) -> bool:
+    """Every value of `node` is 0 or at most LARGE_NEGATIVE whatever the runtime inputs: constants put
+    through where / masked_fill and shape or dtype ops."""
+    if isinstance(node, (int, float, bool)) and not isinstance(node, bool):
+        return node == 0 or node <= LARGE_NEGATIVE
+    if not isinstance(node, fx.Node) or depth > 64:
+        return False
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = node.args
+    if name in ("where",) and len(args) == 3:
+        return _exclusion_only(args[1], depth + 1) and _exclusion_only(args[2], depth + 1)
+    if name in ("masked_fill",) and len(args) == 3:
+        return _exclusion_only(args[0], depth + 1) and _exclusion_only(args[2], depth + 1)
+    if name in ("tensor", "scalar_tensor", "full") and args:
+        value = args[0] if name != "full" else (args[1] if len(args) > 1 else node.kwargs.get("fill_value"))
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _exclusion_only(value, depth + 1)
+    if name in ("zeros", "zeros_like", "new_zeros"):
+        return True
+    if name in ("to", "type", "float", "half", "bfloat16", "double", "expand", "expand_as", "broadcast_to",
+                "view", "reshape", "unsqueeze", "squeeze", "contiguous", "clone", "getitem", "permute",
+                "transpose", "repeat", "narrow", "slice", "select"):
+        return bool(args) and _exclusion_only(args[0], depth + 1)
+    return False
+
+
+def _plan_runtime_flex(
+    softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
+    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, dropout_p: float,
+) -> FlexPlan | str:
+    """Note [Runtime masks as in-graph block masks]: the plan for a mask that reads runtime inputs, or the
+    reason (a string) why it keeps a dense mask."""
+    from asam_compile import cost, runtime
+    from asam_compile.block_mask import build_block_mask
+    from asam_compile.passes.lift import NotLiftable, lift, name_mask
+
+    if config.flex == "never":
+        return "flex='never'"
+    if dropout_p:
+        return "Flex has no attention dropout"
+    if qv.dim() != 4:
+        return "Flex is used for 4-D attention only"
+    if any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape)):
+        return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
+    try:
+        lifted = lift(mask_nodes, gm, example_inputs, runtime=True)
+    except NotLiftable as e:
+        return f"mask not liftable: {e}"
+    captures = lifted[0].captures if lifted else ()
+    read = sorted({c.node.name for c in captures if c.runtime and c.node is not None})
+    if not read:
+        return "mask reads runtime inputs the lifter did not capture"
+    keep_fn, axes = _lifted_keep(scores, lifted)
+    biased = bool(scores.terms) and not all(_exclusion_only(t.node) for t in scores.terms)
+    B, H, L, S = (int(d) for d in qv.shape)
+    E = int(sv.shape[-1])
+    Bm, Hm = (B if "b" in axes else 1), (H if "h" in axes else 1)
+    device = sv.device
+    short = [n.removeprefix("l_").removeprefix("kwargs_").removeprefix("args_").strip("_") for n in read]
+    name = f"{name_mask(keep_fn, L, S).replace('lifted_mask', 'mask')}_with_{'_'.join(short)}"
+    mask_key = f"{name}_{abs(hash((id(gm), tuple(mask_nodes)))) % 10**8}"
+    keep_fn.__name__ = name
+    try:  # density of the example call (the captures hold its values)
+        _, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.block_size)
+    except Exception as e:  # noqa: BLE001 - no example values: plan for the worst case
+        log.debug("runtime mask %s: example density not computed: %s", name, e)
+        density = 1.0
+    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
+                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex,
+                                        build_s=Bm * Hm * L * S / _BUILD_ELEMENTS_PER_S)
+    reason = f"{reason}; block mask built in the graph from {', '.join(read)}"
+    runtime.register_mask_mod(mask_key, keep_fn)
+    runtime.register_captures(mask_key, captures)
+    score_key = neginf_key = None
+    if biased:
+        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
+        reason += "; additive terms as a score_mod"
+    if scores.terms and not scores.fills:  # Note [Fully masked rows]: all -inf gives NaN, else an average
+        neginf_key = runtime.register_mask_mod(f"neginf_{mask_key}", _lifted_neginf(scores, lifted))
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), (), score_key,
+                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
+                    batch_heads=(B, H))
+
+
+def _lifted_neginf(scores: _Scores, lifted: list[Any]) -> Any:
+    """(b, h, q, kv) -> the additive terms sum to -inf there (the original's softmax row gives NaN if all do)."""
+    terms = list(zip(scores.terms, lifted[: len(scores.terms)]))
+
+    def neginf_mask(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        add = None
+        for t, lf in terms:
+            v = lf.fn(b, h, q, kv).to(torch.float32) * t.factor
+            v = -v if t.negate else v
+            add = v if add is None else add + v
+        return torch.isneginf(add)
+
+    return neginf_mask
 
 
 # Note [Index-built score biases]

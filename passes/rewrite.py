@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -98,9 +99,36 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     return keep, rows
 
 
-def _emit_flex(gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node:
-    """flex_attention_call(q, k, v, <block-mask tensors as graph constants>, mask_key=..., ...)."""
+def _emit_block_build(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.Node]]) -> list[fx.Node]:
+    """The in-graph block-mask build of a runtime mask (Note [Runtime masks as in-graph block masks] in
+    passes/match.py): one call per mask and graph, emitted before its first site; its outputs as nodes."""
     plan = m.flex_plan
+    if plan.key in builds:
+        return builds[plan.key]
+    emit = _Emitter(gm, m.out, m.softmax)
+    device = _compat.example_value(m.out).device
+    call = emit(
+        runtime.block_mask_tensors_call, *plan.capture_nodes, mask_key=plan.key, batch_heads=plan.mask_batch_heads,
+        seq_lengths=plan.seq_lengths, block_size=plan.block_size, device=device, neginf_key=plan.neginf_key,
+        full_batch_heads=plan.batch_heads,
+    )
+    call.meta.pop("nn_module_stack", None)  # shared by the layers: it belongs to none of them
+    outs = [emit(operator.getitem, call, i) for i in range(len(_compat.example_value(call)))]
+    builds[plan.key] = outs
+    return outs
+
+
+def _emit_flex(
+    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node, tables: list[fx.Node] | None
+) -> fx.Node:
+    """flex_attention_call(q, k, v, <block-mask tensors: graph constants, or `tables` built in the graph>, ...)."""
+    plan = m.flex_plan
+    if plan.in_graph:
+        return emit(
+            runtime.flex_attention_call, q, k, v, *tables[:4], *plan.capture_nodes, mask_key=plan.key,
+            block_size=plan.block_size, seq_lengths=plan.seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
+            score_key=plan.score_key,
+        )
     consts = []
     for field, tensor in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), plan.tensors):
         name = f"_asam_{plan.key}_{field}"
@@ -117,8 +145,11 @@ def _emit_flex(gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node
     )
 
 
-def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
-    """Insert the SDPA call (and its layout/dtype glue) before the value matmul; return the new output."""
+def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.Node]] | None = None) -> fx.Node:
+    """Insert the SDPA call (and its layout/dtype glue) before the value matmul; return the new output.
+    `builds`: in-graph block-mask builds already emitted in this graph, by mask key (shared by its sites)."""
+    builds = {} if builds is None else builds
+    tables = _emit_block_build(gm, m, builds) if m.mask_kind == "flex" and m.flex_plan.in_graph else None
     emit = _Emitter(gm, m.out, m.softmax)
     dtype = m.compute_dtype
     q = _emit_operand(emit, m.q, m.rank, dtype)
@@ -152,17 +183,25 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch) -> fx.Node:
                 sinks=st.sinks,
             )
     elif m.mask_kind == "flex":
-        out = _emit_flex(gm, emit, m, q, k, v)
+        out = _emit_flex(gm, emit, m, q, k, v, tables)
     else:
         out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    nan_rows = None
+    if tables is not None and m.fixup is not None:
+        # rows of a runtime mask with no key left: the original's result, as on the dense path
+        rows = tables[4]
+        if m.fixup == "nan_if_all_neginf":  # an additive mask: a uniform average, or NaN where all -inf
+            nan_rows = tables[5]
     if rows is not None:
         # Note [Fully masked rows] in passes/match.py
-        if m.fixup == "mean":
+        if m.fixup == "mean" or nan_rows is not None:
             v_full = _emit_operand(emit, m.v_full, m.rank, dtype)
             fill = emit("mean", v_full, -2, keepdim=True)
         else:
             fill = float("nan")
         out = emit(torch.where, rows, fill, out)
+    if nan_rows is not None:
+        out = emit(torch.where, nan_rows, float("nan"), out)
     for _ in range(4 - m.rank):
         out = emit("squeeze", out, 0)
     if m.out_perm is not None:
@@ -195,8 +234,9 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 
 def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: GraphReport) -> int:
     """Rewrite every match. Returns the number of SDPA calls emitted."""
+    builds: dict[str, list[fx.Node]] = {}
     for m in matches:
-        new = emit_sdpa(gm, m)
+        new = emit_sdpa(gm, m, builds)
         m.out.replace_all_uses_with(new)
         _erase_dead(gm, m.region)
     if matches:

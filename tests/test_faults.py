@@ -137,11 +137,11 @@ def test_failing_rewrite_marks_every_site_refused(monkeypatch):
     real_emit = module.emit_sdpa
     emitted = []
 
-    def emit_then_fail(gm, m):
+    def emit_then_fail(gm, m, *args):
         if emitted:
             raise Boom("injected failure on the second site")
         emitted.append(m)
-        return real_emit(gm, m)
+        return real_emit(gm, m, *args)
 
     monkeypatch.setattr(module, "emit_sdpa", emit_then_fail)
     model, inputs = TwoSites(), qkv()

@@ -142,3 +142,90 @@ def test_gpu_adaptive_mixed_pairs_forward_and_backward_bf16():
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 0.5, "window": 1, "sinks": 1,
             "dense_fallback": True, "strict": True}
     check_adaptive_bf16_against_reference(CausalAttention(), opts, settings, (q, k, v), 32**-0.5, "mixed")
+
+
+# ------------------------------------------------------------------------ Flex (structured and runtime masks) on CUDA
+
+
+def _grads_bf16_vs_float64(model, compiled, inputs, label, n_grad=3):
+    """Output and the gradients of the first n_grad inputs: compiled bf16 no worse than eager bf16, both
+    against float64 (on the output elements where float64 is finite)."""
+    def run(fn, dtype):
+        xs = [x.to(dtype).detach().requires_grad_() if i < n_grad else x for i, x in enumerate(inputs)]
+        out = fn(*xs)
+        out.float().nan_to_num().pow(2).sum().backward()
+        return out.detach().double(), [x.grad.double() for x in xs[:n_grad]]
+
+    ref_out, ref_g = run(model, torch.float64)
+    eager_out, eager_g = run(model, torch.bfloat16)
+    out, g = run(compiled, torch.bfloat16)
+    ok = ref_out.isfinite()
+    assert_no_worse((out - ref_out)[ok].abs().max().item(), (eager_out - ref_out)[ok].abs().max().item(),
+                    f"{label} forward", slack=1e-3)
+    for i, (a, r, b) in enumerate(zip(g, ref_g, eager_g)):
+        assert_no_worse(max_abs_err(a, r), max_abs_err(b, r), f"{label} grad {i}", slack=1e-2)
+
+
+class CudaSlidingWindow(torch.nn.Module):
+    """Sliding-window attention as HF's eager Mistral path writes it, with its index tensors on q's device."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        q_idx = torch.arange(q.shape[-2], device=q.device)[None, None, :, None]
+        kv_idx = torch.arange(k.shape[-2], device=q.device)[None, None, None, :]
+        keep = (kv_idx <= q_idx) & (kv_idx > q_idx - self.window)
+        mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype, device=q.device), torch.finfo(q.dtype).min)
+        scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def test_gpu_flex_sliding_window_training_bf16():
+    """A compile-time sliding window on Flex (flex='always'), forward and backward in bf16 on the GPU, at a
+    length that is not a multiple of the block size."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(2, 4, 1000, 64, device="cuda", generator=g) for _ in range(3)]
+    model = CudaSlidingWindow(200)
+    compiled = torch.compile(model, backend="asam", options={"strict": True, "flex": "always"}, fullgraph=True)
+    with asam_compile.capture() as cap:
+        _grads_bf16_vs_float64(model, compiled, inputs, "sliding window")
+    assert [c.target for c in cap.report.candidates] == ["flex"], candidate_summary(cap.report.candidates)
+
+
+def test_gpu_runtime_padding_mask_training_bf16():
+    """Causal attention with a runtime padding vector (left padding: rows with no key, which eager averages):
+    the block mask is built in the graph; forward and backward in bf16 no worse than eager against float64."""
+    from test_runtime_masks import CausalKeyFill
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", generator=g) for _ in range(3))
+    keep = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
+    keep[1, :300] = False
+    model = CausalKeyFill(torch.finfo(torch.float32).min)
+    compiled = torch.compile(model, backend="asam", options={"strict": True, "flex": "always"}, fullgraph=True)
+    with asam_compile.capture() as cap:
+        _grads_bf16_vs_float64(model, compiled, [q, k, v, keep], "runtime padding")
+    (cand,) = cap.report.candidates
+    assert cand.target == "flex" and "built in the graph" in cand.info["kernel"], cand.info
+
+
+def test_gpu_hf_llama_left_padding_bf16():
+    """An HF Llama with a left-padded batch on the GPU: Flex with the in-graph block mask on both layers,
+    logits no worse than eager bf16 against float64 (on rows where float64 is finite)."""
+    from test_runtime_masks import logits, padding, small_llama
+
+    model = small_llama().cuda()
+    ids = torch.randint(0, 128, (2, 700), device="cuda")
+    am = padding(2, 700, left=(0, 250)).cuda()
+    with torch.no_grad():
+        ref = logits(copy.deepcopy(model).double()(input_ids=ids, attention_mask=am))
+        model = model.bfloat16()
+        eager = logits(model(input_ids=ids, attention_mask=am)).double()
+        with asam_compile.capture() as cap:
+            out = logits(torch.compile(model, backend="asam", options={"strict": True, "flex": "always"})(
+                input_ids=ids, attention_mask=am)).double()
+    assert [c.target for c in cap.report.candidates] == ["flex", "flex"], candidate_summary(cap.report.candidates)
+    ok = ref.isfinite()
+    assert_no_worse((out - ref)[ok].abs().max().item(), (eager - ref)[ok].abs().max().item(), "llama padding", slack=1e-2)
