@@ -281,3 +281,15 @@ def autograd_inside_op():
     for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor, keys.ADInplaceOrView):
         exclude = exclude.remove(key)
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def static_closures():
+    """A context in which Dynamo specialises Python ints and floats. FlexAttention traces mask_mod/score_mod
+    with a nested Dynamo; under `torch.compile(dynamic=True)` that trace turned our functions' closure
+    constants (window sizes, fill values) into graph inputs, and Inductor's FakeTensorUpdater then failed on
+    them ("A subgraph argument other than striding has been modified", torch 2.13): Note [Flex under dynamic
+    shapes] in passes/match.py. Tensor sizes stay symbolic: they come from the traced tensors."""
+    import torch._dynamo.config as dynamo_config
+
+    wanted = {"assume_static_by_default": True, "specialize_float": True}
+    return dynamo_config.patch(**{k: v for k, v in wanted.items() if hasattr(dynamo_config, k)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -101,7 +100,7 @@ def block_mask_tensors_call(
     Bm, Hm = batch_heads
     L, S = seq_lengths
     bs = block_size
-    nq, nk = math.ceil(L / bs), math.ceil(S / bs)
+    nq, nk = (L + bs - 1) // bs, (S + bs - 1) // bs  # sizes may be SymInts (dynamic shapes)
     keep_fn = MASK_MODS[mask_key]
     b = torch.arange(Bm, device=device)[:, None, None, None]
     h = torch.arange(Hm, device=device)[None, :, None, None]
@@ -166,7 +165,9 @@ def flex_attention_call(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
         BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),
     )
-    with _bound(mask_key, captured), warnings.catch_warnings():
+    from asam_compile import _compat
+
+    with _bound(mask_key, captured), _compat.static_closures(), warnings.catch_warnings():
         # Traced by Inductor, never run eagerly: the "called without torch.compile" warning does not apply.
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         score_mod = SCORE_MODS[score_key] if score_key else None

@@ -578,12 +578,16 @@ def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
 
 
 # Note [Flex under dynamic shapes]
-# A graph compiled with symbolic lengths cannot carry a block mask made for one length; the block mask
-# would have to be built inside the graph for each call (create_block_mask on the lifted mask_mod, which
-# lift() supports under dynamic shapes). Tried on torch 2.13 CPU: Inductor's FakeTensorUpdater rejects the
-# flex subgraph ("A subgraph argument other than striding has been modified") for our lifted mask_mods,
-# while a hand-written mask_mod in the same position compiles. Until that is understood, structured masks
-# under dynamic shapes keep SDPA with the dense mask (exact), and the report says so.
+# A graph compiled with symbolic lengths cannot carry a block mask made for one length: a shape-only mask
+# that can be lifted (lift() supports symbolic sizes) gets its block mask built in the graph on every call,
+# for the call's sizes, by the in-graph build of runtime masks (Note [Runtime masks as in-graph block
+# masks]); the sizes reach it as size nodes of q and k. The kernel choice is made once, at the example's
+# sizes. One trap (torch 2.13): FlexAttention traces mask_mod with a nested Dynamo, which under
+# torch.compile(dynamic=True) turned our closures' int and float constants into graph inputs, and
+# Inductor's FakeTensorUpdater then asserted ("A subgraph argument other than striding has been modified");
+# the Flex call therefore runs that trace with ints and floats specialised (_compat.static_closures).
+# Masks that read runtime inputs stay dense SDPA masks under dynamic shapes (their captures have symbolic
+# shapes, which the lifter does not take).
 
 # Note [Masks under dynamic shapes]
 # A mask that depends only on shapes is evaluated at compile time and compared with the causal pattern.
@@ -980,8 +984,7 @@ def _plan_flex(
         # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
         # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
         return "Flex is used for 4-D attention only"
-    if any(isinstance(d, torch.SymInt) for d in qv.shape):
-        return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
+    dynamic = any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape))
     lifted = _lift_cached(mask_nodes, gm, example_inputs, cache)
     if isinstance(lifted, str):
         return lifted
@@ -990,6 +993,8 @@ def _plan_flex(
     if key not in cache:
         cache[key] = _lifted_keep(scores, lifted)
     keep_fn, axes = cache[key]
+    if dynamic:
+        return _plan_dynamic_flex(softmax, scores, lifted, keep_fn, axes, key, gm, config, qv, sv, biased)
     B, H, L, S = (int(d) for d in qv.shape)
     E = int(sv.shape[-1])
     Bm, Hm = (B if "b" in axes else 1), (H if "h" in axes else 1)
@@ -1128,6 +1133,56 @@ def _lifted_neginf(scores: _Scores, lifted: list[Any]) -> Any:
         return torch.isneginf(add)
 
     return neginf_mask
+
+
+def _size_hint(d: Any) -> int:
+    """The example's value of a size (an int, or a SymInt's hint)."""
+    if isinstance(d, torch.SymInt):
+        hint = _compat.sym_hint(d)
+        if hint is None:
+            raise NotImplementedError(f"size {d} has no hint")
+        return int(hint)
+    return int(d)
+
+
+def _plan_dynamic_flex(
+    softmax: fx.Node, scores: _Scores, lifted: list[Any], keep_fn: Any, axes: frozenset[str], key: Any,
+    gm: fx.GraphModule, config: Any, qv: Any, sv: Any, biased: bool,
+) -> FlexPlan | str:
+    """Note [Flex under dynamic shapes]: a shape-only mask in a graph that serves many lengths gets its block
+    mask built in the graph on every call, for the call's sizes (the in-graph build of runtime masks)."""
+    from asam_compile import cost, runtime
+    from asam_compile.block_mask import build_block_mask
+    from asam_compile.passes.lift import name_mask
+
+    B, H, L, S = (_size_hint(d) for d in qv.shape)
+    E = _size_hint(sv.shape[-1])
+    sym_B, sym_H = qv.shape[0], qv.shape[1]
+    Bm, Hm = (sym_B if "b" in axes else 1), (sym_H if "h" in axes else 1)
+    name = name_mask(keep_fn, L, S)
+    mask_key = f"{name}_{abs(hash((id(gm), key))) % 10**8}"
+    keep_fn.__name__ = name
+    device = sv.device
+    # the cost model and the report see the example's sizes; the kernel choice then holds for every length
+    _, density = build_block_mask(keep_fn, B if "b" in axes else 1, H if "h" in axes else 1, L, S, device,
+                                  block_size=config.block_size)
+    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
+                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex,
+                                        build_s=B * H * L * S / _BUILD_ELEMENTS_PER_S)
+    reason = f"{reason} at the example's {L}x{S}; dynamic shapes: block mask built in the graph"
+    runtime.register_mask_mod(mask_key, keep_fn)
+    captures = lifted[0].captures if lifted else ()
+    runtime.register_captures(mask_key, captures)
+    score_key = None
+    if biased:
+        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
+        reason += "; additive bias as a score_mod"
+    neginf_key = None
+    if scores.terms and not scores.fills:
+        neginf_key = runtime.register_mask_mod(f"neginf_{mask_key}", _lifted_neginf(scores, lifted))
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
+                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
+                    batch_heads=tuple(qv.shape[:2]))
 
 
 # Note [Index-built score biases]

@@ -42,7 +42,10 @@ class _Emitter:
                 node.meta[key] = self.like.meta[key]
         fargs = fx.node.map_arg(args, _compat.example_value)
         fkwargs = fx.node.map_arg(kwargs, _compat.example_value)
-        with _compat.fake_mode_from((fargs, fkwargs)) or contextlib.nullcontext():
+        # a call with no tensor argument (an in-graph block-mask build of a buffer-free mask) still runs in the
+        # graph's fake mode, where its sizes may be symbolic
+        mode = _compat.fake_mode_from((fargs, fkwargs)) or _compat.fake_mode_from([_compat.example_value(self.like)])
+        with mode or contextlib.nullcontext():
             if target in (runtime.flex_attention_call, adaptive.adaptive_attention_call):
                 # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
                 q, k, v = fargs[:3]
@@ -99,18 +102,29 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     return keep, rows
 
 
-def _emit_block_build(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.Node]]) -> list[fx.Node]:
+def _emit_block_build(
+    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, builds: dict[str, list[fx.Node]]
+) -> list[fx.Node]:
     """The in-graph block-mask build of a runtime mask (Note [Runtime masks as in-graph block masks] in
-    passes/match.py): one call per mask and graph, emitted before its first site; its outputs as nodes."""
+    passes/match.py), or of any mask under dynamic shapes: one call per mask and graph, emitted before its
+    first site; its outputs as nodes. Symbolic sizes are read from this site's q and k (size nodes)."""
     plan = m.flex_plan
     if plan.key in builds:
         return builds[plan.key]
-    emit = _Emitter(gm, m.out, m.softmax)
     device = _compat.example_value(m.out).device
+    B, H, L, E = _compat.example_value(q).shape
+    S = _compat.example_value(k).shape[2]
+
+    def size(value: Any, node: fx.Node, dim: int) -> Any:
+        return emit("size", node, dim) if isinstance(value, torch.SymInt) else value
+
+    sizes = {"B": size(B, q, 0), "H": size(H, q, 1), "L": size(L, q, 2), "S": size(S, k, 2)}
+    Bm, Hm = plan.mask_batch_heads
     call = emit(
-        runtime.block_mask_tensors_call, *plan.capture_nodes, mask_key=plan.key, batch_heads=plan.mask_batch_heads,
-        seq_lengths=plan.seq_lengths, block_size=plan.block_size, device=device, neginf_key=plan.neginf_key,
-        full_batch_heads=plan.batch_heads,
+        runtime.block_mask_tensors_call, *plan.capture_nodes, mask_key=plan.key,
+        batch_heads=(sizes["B"] if isinstance(Bm, torch.SymInt) else Bm, sizes["H"] if isinstance(Hm, torch.SymInt) else Hm),
+        seq_lengths=(sizes["L"], sizes["S"]), block_size=plan.block_size, device=device, neginf_key=plan.neginf_key,
+        full_batch_heads=(sizes["B"], sizes["H"]),
     )
     call.meta.pop("nn_module_stack", None)  # shared by the layers: it belongs to none of them
     outs = [emit(operator.getitem, call, i) for i in range(len(_compat.example_value(call)))]
@@ -124,9 +138,11 @@ def _emit_flex(
     """flex_attention_call(q, k, v, <block-mask tensors: graph constants, or `tables` built in the graph>, ...)."""
     plan = m.flex_plan
     if plan.in_graph:
+        L, S = _compat.example_value(q).shape[2], _compat.example_value(k).shape[2]
+        seq_lengths = tuple(emit("size", x, 2) if isinstance(n, torch.SymInt) else n for x, n in ((q, L), (k, S)))
         return emit(
             runtime.flex_attention_call, q, k, v, *tables[:4], *plan.capture_nodes, mask_key=plan.key,
-            block_size=plan.block_size, seq_lengths=plan.seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
+            block_size=plan.block_size, seq_lengths=seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
             score_key=plan.score_key,
         )
     consts = []
@@ -149,7 +165,6 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
     """Insert the SDPA call (and its layout/dtype glue) before the value matmul; return the new output.
     `builds`: in-graph block-mask builds already emitted in this graph, by mask key (shared by its sites)."""
     builds = {} if builds is None else builds
-    tables = _emit_block_build(gm, m, builds) if m.mask_kind == "flex" and m.flex_plan.in_graph else None
     emit = _Emitter(gm, m.out, m.softmax)
     dtype = m.compute_dtype
     q = _emit_operand(emit, m.q, m.rank, dtype)
@@ -157,6 +172,7 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         q = emit(torch.div if is_div else torch.mul, q, f)
     k = _emit_operand(emit, m.k, m.rank, dtype)
     v = _emit_operand(emit, m.v, m.rank, dtype)
+    tables = _emit_block_build(gm, emit, m, q, k, builds) if m.mask_kind == "flex" and m.flex_plan.in_graph else None
     attn_mask, rows = (None, None)
     if m.mask_kind == "dense":
         attn_mask, rows = _emit_mask(emit, m)

@@ -317,9 +317,9 @@ def test_property_window_block_mask_is_exact(L, left, right, block):
     assert torch.equal(_keep_from_plan(cap.graphs[0], L, block), expected)
 
 
-def test_dynamic_shapes_structured_mask_keeps_dense_sdpa():
-    """dynamic=True: one graph serves several lengths. Flex under dynamic shapes is not built yet (Note
-    [Flex under dynamic shapes]); the site keeps SDPA with the dense mask, exact, with the reason reported."""
+def test_dynamic_shapes_structured_mask_builds_its_block_mask_in_the_graph():
+    """dynamic=True: one graph serves several lengths (Note [Flex under dynamic shapes]); the sliding window
+    goes to Flex with its block mask built in the graph for each call's length, and matches float64."""
     model = HFSlidingWindow(24)
     compiled = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16}, dynamic=True)
     with torch.no_grad(), asam_compile.capture() as cap:
@@ -330,8 +330,24 @@ def test_dynamic_shapes_structured_mask_keeps_dense_sdpa():
             err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
             assert err <= 4 * err_eager + 1e-6, (L, err, err_eager)
     assert 1 <= len(cap.graphs) <= 2, "dynamic=True should not recompile for every length"
-    assert count_flex(cap.graphs) == 0
-    assert all(c.target == "sdpa" and "dynamic shapes" in c.info["kernel"] for c in cap.report.rewritten), cap.report
+    assert count_flex(cap.graphs) == len(cap.graphs)
+    assert all(any(n.target is runtime.block_mask_tensors_call for n in gm.graph.nodes) for gm in cap.graphs)
+    assert all(c.target == "flex" and "dynamic shapes" in c.info["kernel"] for c in cap.report.rewritten), cap.report
+
+
+def test_dynamic_shapes_hf_mistral_window_through_flex():
+    """An HF Mistral (window 24) compiled with dynamic=True, at three lengths: Flex at every site, one graph."""
+    model, _ = small_mistral()
+    compiled = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16}, dynamic=True)
+    ref_model = copy.deepcopy(model).double()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for L in (50, 77, 140):
+            ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(L))
+            out, eager, ref = compiled(ids).logits, model(ids).logits, ref_model(ids).logits
+            err, err_eager = (out.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
+            assert err <= 4 * err_eager + 1e-6, (L, err, err_eager)
+    assert len(cap.graphs) <= 2, cap.report
+    assert all(c.target == "flex" for c in cap.report.rewritten) and cap.report.rewritten, cap.report
 
 
 def test_inductor_failure_on_flex_retries_with_dense_sdpa(monkeypatch):
