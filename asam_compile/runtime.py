@@ -66,7 +66,8 @@ def block_tables(
     """The four tables expanded to (batch, heads, ...) and copied (Note [Block tables leave the graph through an
     opaque op])."""
     tables = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    return tuple(t.expand(batch, heads, *t.shape[2:]).contiguous() for t in tables)  # type: ignore[return-value]
+    # clone, not contiguous(): an op's output may not alias its input (tables already full-size and contiguous)
+    return tuple(t.expand(batch, heads, *t.shape[2:]).clone(memory_format=torch.contiguous_format) for t in tables)  # type: ignore[return-value]
 
 
 @block_tables.register_fake
@@ -132,8 +133,11 @@ def block_mask_tensors_call(
 def own_buffer(x: torch.Tensor) -> torch.Tensor:
     """x copied into a buffer of its own, for Inductor's CPU Flex template: it reads the 4-D size of the
     buffer under a view (cpp_flex_attention_template.choose_flex_template, torch 2.13), which fails with
-    "not enough values to unpack" for q/k/v that are views of a (B*L, H*E) projection (BERT, MiniLM)."""
-    return x.clone(memory_format=torch.contiguous_format)
+    "not enough values to unpack" for q/k/v that are views of a (B*L, H*E) projection (BERT, MiniLM) or
+    of a 3-D (N, L, E) input."""
+    # `* 1.0` (exact): Inductor drops a plain clone of a contiguous tensor, and a 3-D site's q (an unsqueezed
+    # view of a 3-D input) then still reached the template as a 3-D buffer
+    return (x * 1.0).clone(memory_format=torch.contiguous_format)
 
 
 def flex_attention_call(

@@ -980,10 +980,9 @@ def _plan_flex(
 
     if config.flex == "never":
         return "flex='never'"
-    if qv.dim() != 4:
-        # 3-D (B*H, L, E) sites would need the block mask over the merged batch-head dim; Inductor's Flex
-        # lowering rejected our first attempt (torch 2.13), so they keep SDPA with the dense mask for now.
-        return "Flex is used for 4-D attention only"
+    if qv.dim() == 2:
+        return "Flex is used for 3-D and 4-D attention only"
+    qv = _as_4d(qv)  # a 3-D (N, L, E) site runs as (1, N, L, E): its N is Flex's head dim
     dynamic = any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape))
     lifted = _lift_cached(mask_nodes, gm, example_inputs, cache)
     if isinstance(lifted, str):
@@ -1076,8 +1075,9 @@ def _plan_runtime_flex(
         return "flex='never'"
     if dropout_p:
         return "Flex has no attention dropout"
-    if qv.dim() != 4:
-        return "Flex is used for 4-D attention only"
+    if qv.dim() == 2:
+        return "Flex is used for 3-D and 4-D attention only"
+    qv = _as_4d(qv)
     if any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape)):
         return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
     try:
@@ -1133,6 +1133,11 @@ def _lifted_neginf(scores: _Scores, lifted: list[Any]) -> Any:
         return torch.isneginf(add)
 
     return neginf_mask
+
+
+def _as_4d(x: Any) -> Any:
+    """The scores' example value with a leading batch dim of 1 for a 3-D (N, L, S) site (as rewrite emits it)."""
+    return x.unsqueeze(0) if x.dim() == 3 else x
 
 
 def _size_hint(d: Any) -> int:

@@ -238,17 +238,40 @@ class ThreeDWindow(nn.Module):
         return torch.bmm(att.softmax(-1), v)
 
 
-def test_three_d_window_keeps_dense_sdpa_and_matches_float64():
-    """3-D (B*H, L, E) sites are not sent to Flex yet: SDPA with the dense mask, reason in the report."""
+def test_three_d_window_runs_flex_over_the_merged_batch_head_dim_and_matches_float64():
+    """3-D (B*H, L, E) sites run as (1, B*H, L, E): the block mask's head dim is the merged one."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(6, 45, 16, generator=g) for _ in range(3))
     model = ThreeDWindow()
     with torch.no_grad(), asam_compile.capture() as cap:
         out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
-    assert count_flex(cap.graphs) == 0 and count_sdpa(cap.graphs) == 1, cap.report
-    assert "4-D" in cap.report.rewritten[0].info["kernel"]
+    assert count_flex(cap.graphs) == 1 and count_sdpa(cap.graphs) == 0, cap.report
+    assert cap.report.rewritten[0].info["mask"] == "flex:bidirectional_window_5", cap.report
+    assert out.shape == (6, 45, 16)
     ref = model(q.double(), k.double(), v.double())
     err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
+    assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
+class ThreeDKeyPadding(nn.Module):
+    """(B*H, L, E) bmm spelling with a per-(batch*head) key padding vector given at run time."""
+
+    def forward(self, q, k, v, keep):
+        att = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5
+        att = att.masked_fill(~keep[:, None, :], float("-inf"))
+        return torch.bmm(att.softmax(-1), v)
+
+
+def test_three_d_runtime_padding_through_flex():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(6, 40, 16, generator=g) for _ in range(3))
+    keep = torch.rand(6, 40, generator=g) > 0.3
+    model = ThreeDKeyPadding()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v, keep)
+    assert count_flex(cap.graphs) == 1, cap.report
+    ref = model(q.double(), k.double(), v.double(), keep)
+    err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v, keep).double() - ref).abs().max().item()
     assert err <= 4 * err_eager + 1e-6, (err, err_eager)
 
 

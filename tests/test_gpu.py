@@ -229,3 +229,36 @@ def test_gpu_hf_llama_left_padding_bf16():
     assert [c.target for c in cap.report.candidates] == ["flex", "flex"], candidate_summary(cap.report.candidates)
     ok = ref.isfinite()
     assert_no_worse((out - ref)[ok].abs().max().item(), (eager - ref)[ok].abs().max().item(), "llama padding", slack=1e-2)
+
+
+def test_gpu_flex_dynamic_shapes_and_three_d_bf16():
+    """Flex under dynamic shapes (block mask built in the graph per length) and a 3-D (N, L, E) window site, in
+    bf16 on the GPU: outputs no worse than eager bf16 against float64."""
+    from test_flex import ThreeDWindow
+
+    class CudaThreeDWindow(ThreeDWindow):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[-2], device=q.device)
+            far = (i[None, :] - i[:, None]).abs() > 100
+            att = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5
+            return torch.bmm(att.masked_fill(far, float("-inf")).softmax(-1), v)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    opts = {"strict": True, "flex": "always"}
+    window = CudaSlidingWindow(150)
+    compiled = torch.compile(window, backend="asam", options=opts, dynamic=True)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for L in (600, 1000, 1300):
+            q, k, v = (torch.randn(1, 4, L, 64, device="cuda", generator=g) for _ in range(3))
+            ref = window(q.double(), k.double(), v.double())
+            out, eager = compiled(*(x.bfloat16() for x in (q, k, v))), window(*(x.bfloat16() for x in (q, k, v)))
+            assert_no_worse(max_abs_err(out, ref), max_abs_err(eager, ref), f"dynamic window L={L}", slack=1e-3)
+    assert len(cap.graphs) <= 2 and all(c.target == "flex" for c in cap.report.rewritten), cap.report
+    three_d = CudaThreeDWindow()
+    q, k, v = (torch.randn(8, 700, 64, device="cuda", generator=g) for _ in range(3))
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(three_d, backend="asam", options=opts)(*(x.bfloat16() for x in (q, k, v)))
+        eager = three_d(*(x.bfloat16() for x in (q, k, v)))
+    assert [c.target for c in cap.report.rewritten] == ["flex"], cap.report
+    ref = three_d(q.double(), k.double(), v.double())
+    assert_no_worse(max_abs_err(out, ref), max_abs_err(eager, ref), "3-D window", slack=1e-3)

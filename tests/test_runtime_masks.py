@@ -246,3 +246,17 @@ def test_runtime_mask_with_dropout_stays_on_sdpa():
         torch.compile(KeyFillDropout(float("-inf")), backend="asam", options=FLEX)(q, k, v, torch.rand(2, 50) > 0.2)
     (cand,) = cap.report.rewritten
     assert cand.target == "sdpa" and "dropout" in cand.info["kernel"], cand.info
+
+
+def test_block_tables_op_copies_and_expands():
+    """asam::block_tables (Note [Block tables leave the graph through an opaque op]) passes opcheck, expands
+    broadcast tables to the call's (batch, heads) and never returns its input, even when it is full-size."""
+    nq, nk = 3, 4
+    small = [torch.zeros(1, 1, nq, dtype=torch.int32), torch.arange(nk, dtype=torch.int32).expand(1, 1, nq, nk).contiguous()] * 2
+    full = [t.expand(2, 3, *t.shape[2:]).contiguous() for t in small]
+    for tables in (small, full):
+        torch.library.opcheck(torch.ops.asam.block_tables.default, (*tables, 2, 3))
+        out = torch.ops.asam.block_tables(*tables, 2, 3)
+        for a, b in zip(out, tables):
+            assert a.shape[:2] == (2, 3) and a.is_contiguous() and a.data_ptr() != b.data_ptr()
+            assert torch.equal(a, b.expand_as(a))
