@@ -808,17 +808,9 @@ def match_attention(
             if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
         if "dense" in kinds and kinds <= {"dense", "causal", "none"} and flex_ok:  # causal at short lengths: fine
-            try:
-                flex_plan = (
-                    "Flex has no attention dropout" if dropout_p else
-                    _plan_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, mask_cache, biased)
-                )
-            except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
-                if config.strict:
-                    raise
-                log.warning("asam_compile: Flex planning failed for %s (%s: %s); kept a dense mask",
-                            softmax.name, type(e).__name__, e)
-                flex_plan = f"Flex planning failed: {type(e).__name__}: {e}"
+            flex_plan = "Flex has no attention dropout" if dropout_p else _guarded_plan(
+                softmax, config, _plan_flex, softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv,
+                mask_cache, biased)
         if len(kinds) == 1:
             mask_kind = kinds.pop()
             if mask_kind == "dense" and samples != [{}]:
@@ -827,14 +819,8 @@ def match_attention(
             mask_kind, fixup = "dense", _runtime_fixup(scores)
         if not samples and mask_kind == "dense":
             # Note [Runtime masks as in-graph block masks]
-            try:
-                flex_plan = _plan_runtime_flex(softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv, dropout_p)
-            except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
-                if config.strict:
-                    raise
-                log.warning("asam_compile: Flex planning failed for %s (%s: %s); kept a dense mask",
-                            softmax.name, type(e).__name__, e)
-                flex_plan = f"Flex planning failed: {type(e).__name__}: {e}"
+            flex_plan = _guarded_plan(softmax, config, _plan_runtime_flex, softmax, scores, mask_nodes, gm,
+                                      example_inputs, config, qv, sv, dropout_p)
 
     if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
         # a runtime mask may leave rows without keys on some call: they keep the run-time fix-up
@@ -968,13 +954,25 @@ def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: 
     return cache[key]
 
 
+def _guarded_plan(softmax: fx.Node, config: Any, planner: Any, *args: Any) -> FlexPlan | str:
+    """planner(*args); a planner that raises leaves the site on its dense mask (strict re-raises)."""
+    try:
+        return planner(*args)
+    except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
+        if config.strict:
+            raise
+        log.warning("asam_compile: Flex planning failed for %s (%s: %s); kept a dense mask",
+                    softmax.name, type(e).__name__, e)
+        return f"Flex planning failed: {type(e).__name__}: {e}"
+
+
 def _plan_flex(
     softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
     example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any], biased: bool = False,
 ) -> FlexPlan | str:
     """Lift a compile-time mask into a mask_mod, build its BlockMask and ask the cost model. Returns the
     plan, or the reason (a string) why the site keeps a dense mask."""
-    from asam_compile import cost, runtime
+    from asam_compile import cost
     from asam_compile.block_mask import build_block_mask
     from asam_compile.passes.lift import name_mask
 
@@ -1004,13 +1002,8 @@ def _plan_flex(
     block_mask, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.block_size, key=(mask_key, Bm, Hm, L, S, str(device)))
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
-    runtime.register_mask_mod(mask_key, keep_fn)
-    captures = lifted[0].captures if lifted else ()
-    runtime.register_captures(mask_key, captures)
-    score_key = None
-    if biased:
-        # Note [Index-built score biases]
-        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
+    captures, score_key, _ = _register(mask_key, keep_fn, scores, lifted, biased, in_graph=False)
+    if score_key:
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
@@ -1067,8 +1060,6 @@ def _plan_runtime_flex(
 ) -> FlexPlan | str:
     """Note [Runtime masks as in-graph block masks]: the plan for a mask that reads runtime inputs, or the
     reason (a string) why it keeps a dense mask."""
-    from asam_compile import cost, runtime
-    from asam_compile.block_mask import build_block_mask
     from asam_compile.passes.lift import NotLiftable, lift, name_mask
 
     if config.flex == "never":
@@ -1090,34 +1081,30 @@ def _plan_runtime_flex(
         return "mask reads runtime inputs the lifter did not capture"
     keep_fn, axes = _lifted_keep(scores, lifted)
     biased = bool(scores.terms) and not all(_exclusion_only(t.node) for t in scores.terms)
-    B, H, L, S = (int(d) for d in qv.shape)
-    E = int(sv.shape[-1])
-    Bm, Hm = (B if "b" in axes else 1), (H if "h" in axes else 1)
-    device = sv.device
+    L, S = int(qv.shape[2]), int(qv.shape[3])
     short = [n.removeprefix("l_").removeprefix("kwargs_").removeprefix("args_").strip("_") for n in read]
     name = f"{name_mask(keep_fn, L, S).replace('lifted_mask', 'mask')}_with_{'_'.join(short)}"
     mask_key = f"{name}_{abs(hash((id(gm), tuple(mask_nodes)))) % 10**8}"
-    keep_fn.__name__ = name
-    try:  # density of the example call (the captures hold its values)
-        _, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.block_size)
-    except Exception as e:  # noqa: BLE001 - no example values: plan for the worst case
-        log.debug("runtime mask %s: example density not computed: %s", name, e)
-        density = 1.0
-    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
-                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex,
-                                        build_s=Bm * Hm * L * S / _BUILD_ELEMENTS_PER_S)
-    reason = f"{reason}; block mask built in the graph from {', '.join(read)}"
+    return _in_graph_plan(softmax, scores, lifted, keep_fn, axes, name, mask_key, qv, sv, config, biased,
+                          f"block mask built in the graph from {', '.join(read)}")
+
+
+def _register(
+    mask_key: str, keep_fn: Any, scores: _Scores, lifted: list[Any], biased: bool, in_graph: bool
+) -> tuple[tuple[Any, ...], str | None, str | None]:
+    """Register a plan's functions with the runtime under `mask_key`: the mask_mod and its captures, the
+    score_mod of an additive bias (Note [Index-built score biases]) and, for a block mask built in the graph
+    from an additive mask, the "all -inf" rows function. Returns (captures, score_key, neginf_key)."""
+    from asam_compile import runtime
+
     runtime.register_mask_mod(mask_key, keep_fn)
+    captures = lifted[0].captures if lifted else ()
     runtime.register_captures(mask_key, captures)
-    score_key = neginf_key = None
-    if biased:
-        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
-        reason += "; additive terms as a score_mod"
-    if scores.terms and not scores.fills:  # Note [Fully masked rows]: all -inf gives NaN, else an average
+    score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted)) if biased else None
+    neginf_key = None
+    if in_graph and scores.terms and not scores.fills:  # Note [Fully masked rows]: all -inf gives NaN
         neginf_key = runtime.register_mask_mod(f"neginf_{mask_key}", _lifted_neginf(scores, lifted))
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), (), score_key,
-                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
-                    batch_heads=(B, H))
+    return captures, score_key, neginf_key
 
 
 def _lifted_neginf(scores: _Scores, lifted: list[Any]) -> Any:
@@ -1135,6 +1122,7 @@ def _lifted_neginf(scores: _Scores, lifted: list[Any]) -> Any:
     return neginf_mask
 
 
+
 def _as_4d(x: Any) -> Any:
     """The scores' example value with a leading batch dim of 1 for a 3-D (N, L, S) site (as rewrite emits it)."""
     return x.unsqueeze(0) if x.dim() == 3 else x
@@ -1150,44 +1138,50 @@ def _size_hint(d: Any) -> int:
     return int(d)
 
 
+def _in_graph_plan(
+    softmax: fx.Node, scores: _Scores, lifted: list[Any], keep_fn: Any, axes: frozenset[str], name: str,
+    mask_key: str, qv: Any, sv: Any, config: Any, biased: bool, where: str,
+) -> FlexPlan:
+    """A plan whose block mask is built in the graph on every call (runtime masks, dynamic shapes). The cost
+    model and the report see the example call: its sizes and, through the captures, its values."""
+    from asam_compile import cost
+    from asam_compile.block_mask import build_block_mask
+
+    B, H, L, S = (_size_hint(d) for d in qv.shape)
+    E = _size_hint(sv.shape[-1])
+    Bh, Hh = (B if "b" in axes else 1), (H if "h" in axes else 1)
+    keep_fn.__name__ = name
+    try:
+        _, density = build_block_mask(keep_fn, Bh, Hh, L, S, sv.device, block_size=config.block_size)
+    except Exception as e:  # noqa: BLE001 - no example values: plan for the worst case
+        log.debug("in-graph mask %s: example density not computed: %s", name, e)
+        density = 1.0
+    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=sv.device.type,
+                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex,
+                                        build_s=Bh * Hh * L * S / _BUILD_ELEMENTS_PER_S)
+    reason = f"{reason}; {where}"
+    captures, score_key, neginf_key = _register(mask_key, keep_fn, scores, lifted, biased, in_graph=True)
+    if score_key:
+        reason += "; additive terms as a score_mod"
+    Bm, Hm = (qv.shape[0] if "b" in axes else 1), (qv.shape[1] if "h" in axes else 1)
+    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
+                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
+                    batch_heads=tuple(qv.shape[:2]))
+
+
 def _plan_dynamic_flex(
     softmax: fx.Node, scores: _Scores, lifted: list[Any], keep_fn: Any, axes: frozenset[str], key: Any,
     gm: fx.GraphModule, config: Any, qv: Any, sv: Any, biased: bool,
 ) -> FlexPlan | str:
     """Note [Flex under dynamic shapes]: a shape-only mask in a graph that serves many lengths gets its block
     mask built in the graph on every call, for the call's sizes (the in-graph build of runtime masks)."""
-    from asam_compile import cost, runtime
-    from asam_compile.block_mask import build_block_mask
     from asam_compile.passes.lift import name_mask
 
-    B, H, L, S = (_size_hint(d) for d in qv.shape)
-    E = _size_hint(sv.shape[-1])
-    sym_B, sym_H = qv.shape[0], qv.shape[1]
-    Bm, Hm = (sym_B if "b" in axes else 1), (sym_H if "h" in axes else 1)
+    L, S = _size_hint(qv.shape[2]), _size_hint(qv.shape[3])
     name = name_mask(keep_fn, L, S)
     mask_key = f"{name}_{abs(hash((id(gm), key))) % 10**8}"
-    keep_fn.__name__ = name
-    device = sv.device
-    # the cost model and the report see the example's sizes; the kernel choice then holds for every length
-    _, density = build_block_mask(keep_fn, B if "b" in axes else 1, H if "h" in axes else 1, L, S, device,
-                                  block_size=config.block_size)
-    kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
-                                        requires_grad=bool(_val(softmax).requires_grad), policy=config.flex,
-                                        build_s=B * H * L * S / _BUILD_ELEMENTS_PER_S)
-    reason = f"{reason} at the example's {L}x{S}; dynamic shapes: block mask built in the graph"
-    runtime.register_mask_mod(mask_key, keep_fn)
-    captures = lifted[0].captures if lifted else ()
-    runtime.register_captures(mask_key, captures)
-    score_key = None
-    if biased:
-        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted))
-        reason += "; additive bias as a score_mod"
-    neginf_key = None
-    if scores.terms and not scores.fills:
-        neginf_key = runtime.register_mask_mod(f"neginf_{mask_key}", _lifted_neginf(scores, lifted))
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
-                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
-                    batch_heads=tuple(qv.shape[:2]))
+    return _in_graph_plan(softmax, scores, lifted, keep_fn, axes, name, mask_key, qv, sv, config, biased,
+                          f"dynamic shapes: block mask built in the graph (chosen at the example's {L}x{S})")
 
 
 # Note [Index-built score biases]
