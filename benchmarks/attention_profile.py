@@ -17,6 +17,10 @@ the attention probabilities as soon as they exist (one layer at a time: never al
              included), summed per key block: costs samples/block of full attention.
     antidiagonal_s: XAttention-style strided antidiagonal sums of the scores (`--strides`): costs 1/s of the
              scores' matmul.
+    keyset_s: the query block's mean q against every s-th key (`--keysets`), log-sum-exp per key block.
+    rowsR_keyset_s: the sampled estimator's rows against every s-th key only.
+  and each estimator's curve (true mass kept and density as its estimated coverage goes through `--sweep`), the
+  fair comparison: which keeps more true mass at the same density.
 
 q and k are taken after RoPE: transformers' llama `eager_attention_forward` is wrapped (LlamaAttention
 looks it up by name on every call) and gets them as its arguments; the probabilities are its second result.
@@ -126,6 +130,43 @@ def make_sampled(samples: int) -> Callable[..., torch.Tensor]:
     return estimate_sampled
 
 
+def make_keyset(stride: int) -> Callable[..., torch.Tensor]:
+    def estimate_keyset(q, k, P, block, scale):
+        """Estimated block mass (H, N, N): the query block's mean q against every `stride`-th key (not the key
+        block's mean), log-sum-exp within each key block, softmax over blocks. Costs N x L/stride
+        dot products per head, `block / stride` times the pooled estimator."""
+        H, L, E = q.shape
+        n = L // block
+        qm = q.reshape(H, n, block, E).mean(2)
+        scores = (qm @ k[:, ::stride].transpose(-1, -2)) * scale  # (H, n, L/stride)
+        per = block // stride
+        lse = scores.reshape(H, n, n, per).logsumexp(-1)
+        lse = lse.masked_fill(~causal_blocks(n, q.device), float("-inf"))
+        return lse.softmax(-1)
+
+    estimate_keyset.__name__ = f"keyset_{stride}"
+    return estimate_keyset
+
+
+def make_rows_keyset(samples: int, stride: int) -> Callable[..., torch.Tensor]:
+    def estimate_rows_keyset(q, k, P, block, scale):
+        """Estimated block mass (H, N, N) from `samples` query rows per block (as the sampled estimator) against
+        every `stride`-th key: each row's causal softmax over those keys, summed per key block, averaged over the
+        rows. Costs samples / (block * stride) of the scores' matmul."""
+        H, L, E = q.shape
+        n = L // block
+        offsets = torch.linspace(0, block - 1, samples, device=q.device).round().long().unique()
+        rows = (torch.arange(n, device=q.device)[:, None] * block + offsets[None, :]).flatten()
+        keys = torch.arange(0, L, stride, device=q.device)
+        scores = (q[:, rows] @ k[:, keys].transpose(-1, -2)) * scale  # (H, n * r, L/stride)
+        scores = scores.masked_fill(keys[None, None, :] > rows[None, :, None], float("-inf")).softmax(-1)
+        est = scores.reshape(H, n, len(offsets), n, block // stride).sum(dim=(2, 4))
+        return est / est.sum(-1, keepdim=True)
+
+    estimate_rows_keyset.__name__ = f"rows{samples}_keyset_{stride}"
+    return estimate_rows_keyset
+
+
 def make_antidiagonal(stride: int) -> Callable[..., torch.Tensor]:
     def estimate_antidiagonal(q, k, P, block, scale):
         """Estimated block mass (H, N, N) from strided antidiagonal sums, as XAttention scores blocks: query rows
@@ -171,15 +212,24 @@ def profile_heads(
     out["top8_mass"] = top8[:, n // 2 :].mean(-1).tolist()
 
     forced = forced_blocks(n, args.sinks, args.window, P.device)
-    estimators = [estimate_pooled, make_sampled(args.samples)] + [make_antidiagonal(s) for s in args.strides]
-    for estimate in estimators:
+    for estimate in estimators_of(args):
         name = estimate.__name__.removeprefix("estimate_")
-        keep = select_blocks(estimate(q, k, P, block, scale), args.coverage, forced)
+        est = estimate(q, k, P, block, scale)
+        keep = select_blocks(est, args.coverage, forced)
         covered = (M * keep).sum(-1)  # (H, N) true mass of the kept blocks
         out[f"{name}_true_mass"] = covered.mean(-1).tolist()
         out[f"{name}_worst_mass"] = covered.amin(-1).tolist()
         out[f"{name}_density"] = density(keep).tolist()
+        for c in args.sweep:  # the estimator's curve: true mass and density as the estimated coverage varies
+            keep = select_blocks(est, c, forced)
+            out[f"{name}_true_mass@{c}"] = (M * keep).sum(-1).mean(-1).tolist()
+            out[f"{name}_density@{c}"] = density(keep).tolist()
     return {key: [round(v, 5) for v in values] for key, values in out.items()}
+
+
+def estimators_of(args: argparse.Namespace) -> list[Callable[..., torch.Tensor]]:
+    return ([estimate_pooled, make_sampled(args.samples)] + [make_antidiagonal(s) for s in args.strides]
+            + [make_keyset(s) for s in args.keysets] + [make_rows_keyset(args.samples, s) for s in args.keysets])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,7 +279,7 @@ def print_tables(L: int, layers: list[dict], args: argparse.Namespace) -> None:
     print(tabulate(rows, headers=["layer", "entropy/log(keys)", *(f"density @{c:.0%}" for c in COVERAGES),
                                   "worst late q-block @95%", "top-8 blocks' mass %"]))
 
-    names = ["pooled", f"sampled_{args.samples}"] + [f"antidiagonal_{s}" for s in args.strides]
+    names = [e.__name__.removeprefix("estimate_") for e in estimators_of(args)]
     rows = []
     for i, layer in enumerate(layers):
         row = [i]
@@ -244,6 +294,15 @@ def print_tables(L: int, layers: list[dict], args: argparse.Namespace) -> None:
           "last row: means over layers and heads)")
     print(tabulate(rows, headers=["layer"] + [f"{n} {w}" for n in names for w in ("true mass", "density")]))
 
+    def mean_of(key: str) -> float:
+        return 100 * sum(sum(layer[key]) / len(layer[key]) for layer in layers) / len(layers)
+
+    curve = [[name] + [f"{mean_of(f'{name}_true_mass@{c}'):.1f} @ {mean_of(f'{name}_density@{c}'):.1f}" for c in args.sweep]
+             for name in names]
+    print(f"\nL={L}: each estimator's curve, true mass kept % @ density %, means over layers and heads, by the "
+          "estimated coverage it is asked for")
+    print(tabulate(curve, headers=["estimator"] + [f"{c:.3g}" for c in args.sweep]))
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +314,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8, help="query rows per block of the sampled estimator")
     p.add_argument("--strides", type=int, nargs="*", default=[8, 16],
                    help="strides of the antidiagonal (XAttention-style) estimator")
+    p.add_argument("--keysets", type=int, nargs="*", default=[8, 32],
+                   help="key strides of the keyset estimators (pooled q or sampled rows against every s-th key)")
+    p.add_argument("--sweep", type=float, nargs="*", default=[0.8, 0.9, 0.95, 0.99, 0.995],
+                   help="estimated coverages at which each estimator's curve is taken")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=str(RESULTS / "attention_profile_smollm2.json"))
     args = p.parse_args()
