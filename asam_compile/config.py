@@ -14,7 +14,10 @@ MODES = ("exact", "adaptive")
 
 # The adaptive sparse settings (Note [Adaptive sparse attention] in asam_compile/adaptive.py). The same
 # names are options of the backend and keywords of asam_compile.sparse(...).
-SPARSE_FIELDS = ("block_size", "coverage", "max_density", "min_seq_len", "window", "sinks", "dense_fallback")
+SPARSE_FIELDS = (
+    "block_size", "coverage", "max_density", "min_seq_len", "window", "sinks", "dense_fallback", "estimator",
+)
+ESTIMATORS = ("pooled", "sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,12 @@ class AsamConfig:
     # sync and eager launches per call: measured on an H100 it was slower than the in-graph default wherever
     # the selection was sparse, and faster only where every pair was diffuse (benchmarks/RESULTS.md).
     dense_fallback: bool = False
+    # How the adaptive mode estimates each key block's attention mass: "pooled" (block means of q and k,
+    # nearly free) or "sampled" (8 exact query rows per query block: 1/16 of the scores' matmul). Sampled rows
+    # keep more of the true mass at the same density on SmolLM2, but on an H100 the selection alone took
+    # 1.5-1.75x the time of SDPA flash at 8k-16k (benchmarks/RESULTS.md). Note [Block estimators] in
+    # asam_compile/adaptive.py.
+    estimator: str = "pooled"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
@@ -111,6 +120,9 @@ def _validate(key: str, value: Any) -> None:
                  "dense_fallback"):
         if not isinstance(value, bool):
             raise _bad(key, value, "True or False")
+    elif key == "estimator":
+        if value not in ESTIMATORS:
+            raise _bad(key, value, f"one of {list(ESTIMATORS)}")
     elif key == "flex":
         if value not in ("auto", "always", "never"):
             raise _bad(key, value, "one of ['auto', 'always', 'never']")

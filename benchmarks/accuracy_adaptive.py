@@ -129,6 +129,30 @@ def report_row(prefix: str, row: dict[str, Any], measured: str) -> None:
 Rows = list[dict[str, Any]]
 
 
+def selection_density(model: Any, ids: torch.Tensor, L: int, opts: dict[str, Any]) -> float | None:
+    """Mean block density (kept / causal blocks over layers and heads) that the adaptive selection of `opts`
+    makes on this input: one eager forward, replaying asam_compile.adaptive.select_blocks on each layer's q, k
+    (as the compiled model's sites see them). None for options that send no site to adaptive sparse."""
+    from asam_compile import AsamConfig, adaptive
+    from asam_compile.config import SPARSE_FIELDS
+
+    config = AsamConfig.from_options(opts)
+    if config.mode != "adaptive":
+        return None
+    settings = adaptive.SparseSettings(**{f: getattr(config, f) for f in SPARSE_FIELDS})
+    densities: list[float] = []
+
+    def on_layer(idx, q, k, P, scale):
+        kept, _, allowed = adaptive.select_blocks(q[None], k[None], scale=scale, causal=True, settings=settings)
+        densities.append(adaptive.block_density(kept, allowed))
+
+    from attention_profile import profiling_attention
+
+    with torch.no_grad(), profiling_attention(on_layer):
+        model(input_ids=ids[:, :L], use_cache=False, logits_to_keep=1)
+    return sum(densities) / len(densities) if densities else None
+
+
 def run_smollm2(args: argparse.Namespace, option_sets: list[dict[str, Any]], dtype: torch.dtype) -> Rows:
     """Perplexity rows: for each length, eager first, then one row per options set."""
     t0 = time.perf_counter()
@@ -153,10 +177,14 @@ def run_smollm2(args: argparse.Namespace, option_sets: list[dict[str, Any]], dty
                 r = compiled_run(model, opts, lambda m, L=L: perplexity(m, ids, L), args.runs)
                 row.update(ppl=r["value"], rel_change_pct=100 * (r["value"] - eager_ppl) / eager_ppl,
                            first_call_s=r["first_call_s"], run_s=r["run_s"], sites=r["sites"])
+                if args.density:
+                    row["density"] = selection_density(model, ids, L, opts)
             except Exception as e:  # noqa: BLE001 - a failing options set is a row; the sweep goes on
                 row.update(error=error_text(e))
             rows.append(row)
             measured = f"ppl {row['ppl']:.4f} ({row['rel_change_pct']:+.4f}%)" if "ppl" in row else ""
+            if row.get("density") is not None:
+                measured += f", block density {row['density']:.3f}"
             report_row(f"L={L}", row, measured)
     return rows
 
@@ -202,10 +230,11 @@ def print_tables(header: str, lm_rows: Rows, enc_rows: Rows) -> None:
     for r in lm_rows:
         ppl = f"{r['ppl']:.4f}" if "ppl" in r else "error"
         change = f"{r['rel_change_pct']:+.4f}" if "ppl" in r and r["options"] is not None else ""
-        table.append([r["length"], r["label"], ppl, change, seconds(r.get("first_call_s", math.nan)),
+        density = f"{r['density']:.3f}" if r.get("density") is not None else ""
+        table.append([r["length"], r["label"], ppl, change, density, seconds(r.get("first_call_s", math.nan)),
                       seconds(r.get("run_s", math.nan)), done(r)])
-    print(tabulate(table, headers=["L", "SmolLM2-135M", "perplexity", "vs eager %", "first call s", "run s",
-                                   "asam rewritten"], disable_numparse=True))
+    print(tabulate(table, headers=["L", "SmolLM2-135M", "perplexity", "vs eager %", "block density",
+                                   "first call s", "run s", "asam rewritten"], disable_numparse=True))
     if enc_rows:
         print(f"\nall-MiniLM-L6-v2: {enc_rows[0]['pieces']} pieces of {enc_rows[0]['length']} tokens, "
               "cosine to eager embeddings")
@@ -225,6 +254,8 @@ def main() -> None:
     p.add_argument("--pieces", type=int, default=16, help="MiniLM: pieces of the text embedded")
     p.add_argument("--minilm-length", type=int, default=512, help="MiniLM: tokens per piece (512 is its maximum)")
     p.add_argument("--no-minilm", action="store_true")
+    p.add_argument("--density", action="store_true",
+                   help="also replay each adaptive selection in an eager pass and report its mean block density")
     p.add_argument("--json", default="")
     args = p.parse_args()
 

@@ -1308,4 +1308,5 @@ def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candi
         f"coverage={settings.coverage}, max_density={settings.max_density}, window={settings.window}, "
         f"sinks={settings.sinks}, block_size={settings.block_size}"
         + (", dense_fallback=True" if settings.dense_fallback else "")
+        + (f", estimator={settings.estimator}" if settings.estimator != "pooled" else "")
     )

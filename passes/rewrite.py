@@ -190,13 +190,13 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         if st.dense_fallback:
             out = emit(
                 torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, st.block_size, st.coverage,
-                st.max_density, st.window, st.sinks,
+                st.max_density, st.window, st.sinks, st.estimator,
             )
         else:
             out = emit(
                 adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=causal, enable_gqa=m.enable_gqa,
                 block_size=st.block_size, coverage=st.coverage, max_density=st.max_density, window=st.window,
-                sinks=st.sinks,
+                sinks=st.sinks, estimator=st.estimator,
             )
     elif m.mask_kind == "flex":
         out = _emit_flex(gm, emit, m, q, k, v, tables)

@@ -439,3 +439,46 @@ def test_projection_views_reach_cpu_flex():
     assert [c.target for c in cap.report.candidates] == ["adaptive"]
     assert not any(r.inductor_fallback for r in cap.reports), [r.inductor_fallback for r in cap.reports]
     torch.testing.assert_close(out, exact(model, (x,)), atol=EXACT_TOL, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- sampled estimator
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("chunk", [1 << 26, 1000], ids=["one_chunk", "chunked"])
+def test_sampled_estimator_is_the_block_mass_of_exact_rows(causal, chunk, monkeypatch):
+    """Note [Block estimators]: the sampled mass equals the exact softmax rows at the sampled queries, summed per
+    key block and averaged, whatever the chunking, with GQA and a ragged last block."""
+    monkeypatch.setattr(adaptive, "_SAMPLED_CHUNK", chunk)
+    q, k, _ = qkv(L=1000, H=4, Hkv=2)
+    scale = 32**-0.5
+    QB = -(-1000 // BS)
+    i = torch.arange(QB)
+    allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(QB, QB, dtype=torch.bool)
+    mass = adaptive._sampled_mass(q, k, scale, causal, allowed, BS)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-2, -1) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(1000, 1000, dtype=torch.bool).triu(1), float("-inf"))
+    P = F.pad(scores.softmax(-1), (0, QB * BS - 1000))
+    offsets = torch.linspace(0, BS - 1, adaptive.SAMPLED_ROWS).round().long().unique()
+    for qb in (0, 3, QB - 1):
+        rows = (qb * BS + offsets).clamp(max=999)
+        want = P[:, :, rows].view(1, 4, len(offsets), QB, BS).sum((2, 4)) / len(offsets)
+        torch.testing.assert_close(mass[:, :, qb], want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 4, QB), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_estimator_end_to_end_and_its_option():
+    inputs = planted(H=2, L=2048)
+    model = CausalAttention()
+    out, cap = compile_adaptive(model, inputs, coverage=0.95, max_density=1.0, window=1, sinks=0, estimator="sampled")
+    (cand,) = cap.report.candidates
+    assert cand.target == "adaptive" and "estimator=sampled" in cand.info["adaptive"], cand.info
+    st = SparseSettings(BS, 0.95, 1.0, 0, 1, 0, estimator="sampled")
+    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
+    assert density < 0.5, density
+    with pytest.raises(ValueError, match="estimator"):
+        asam_compile.AsamConfig.from_options({"estimator": "antidiagonal"})
+    with pytest.raises(ValueError, match="estimator"):
+        asam_compile.sparse(torch.nn.Linear(2, 2), estimator="bogus")
