@@ -49,9 +49,10 @@ def _bound(mask_key: str, captured: tuple[torch.Tensor, ...]) -> Iterator[None]:
 
 
 # Note [Block tables leave the graph through an opaque op]
-# On an H100 (torch 2.11), when the block tables built in the graph fed the Flex call directly, Inductor fused
-# their last steps (sort, casts) into the Flex template as a prologue, and inference graphs with batch > 1 hit
-# illegal memory accesses inside that template (training graphs, which save the tables, did not). The
+# On an H100 (torch 2.11), when the block tables built in the graph fed the Flex call directly, inference graphs
+# with batch > 1 hit illegal memory accesses inside Inductor's Flex template kernel, whose fused name listed
+# the table build's ops (sort, sum, casts): by all signs their last steps were fused into the template
+# (training graphs, which save the tables, did not fail). The
 # tables therefore pass through asam::block_tables, an opaque copy that also expands them to the full
 # (batch, heads) of the call, so Flex reads plain contiguous buffers and never broadcasts a block mask
 # (pytorch issue 172225 reports out-of-bounds reads with broadcast batch / head dims). They are small:
