@@ -31,6 +31,16 @@ def test_hf_llama_gpt2():
         assert r["max_err_vs_eager"] < 1e-4
 
 
+def test_hf_llama_left_padded_batch_through_in_graph_flex():
+    pytest.importorskip("transformers")
+    result = load("hf_llama_gpt2").main(["--models", "llama", "--layers", "1", "--hidden", "64", "--seq", "40",
+                                         "--batch", "2", "--pad", "9", "--flex", "always"])
+    assert result["passed"]
+    r = result["results"]["llama"]
+    assert [c.target for c in r["report"].rewritten] == ["flex"], r["report"]
+    assert r["max_err_vs_eager"] < 1e-4
+
+
 def test_timm_vit():
     """timm where it imports (GPU machine), else the transformers ViTModel fallback (this CPU machine)."""
     pytest.importorskip("transformers")
