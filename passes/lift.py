@@ -400,6 +400,13 @@ _SMALL_CONSTANT = 1 << 20
 # value to an in-graph block-mask build (asam_compile.runtime.block_mask_tensors_call) on every call.
 
 
+def _is_small(ev: Any) -> bool:
+    """A tensor that may be evaluated at compile time and read by index (Notes [Small constants], [Masks read
+    at run time]): not complex, static shape, at most _SMALL_CONSTANT elements."""
+    return (isinstance(ev, Tensor) and not ev.is_complex() and not any(_is_symbolic(d) for d in ev.shape)
+            and ev.numel() <= _SMALL_CONSTANT)
+
+
 def ancestors(*nodes: fx.Node) -> set[fx.Node]:
     """The nodes and every node they are computed from."""
     seen: set[fx.Node] = set()
@@ -663,13 +670,9 @@ class _Lifter:
             raise NotLiftable(f"random op {_op_name(node)} ({node.name})")
         if name in _UNINITIALISED:
             raise NotLiftable(f"op {_op_name(node)} reads uninitialised memory ({node.name})")
-        small = self._small_constant(node)
+        small = self._small_constant(node, runtime=self.runtime and bool(_runtime_inputs(node, values_only=True)))
         if small is not None:
             return small
-        if self.runtime and _runtime_inputs(node, values_only=True):
-            small = self._small_constant(node, runtime=True)
-            if small is not None:
-                return small
         inputs = _runtime_inputs(node)
         reads = f", reading runtime input {', '.join(inputs)}" if inputs else ""
         raise NotLiftable(f"op {_op_name(node)} is not index arithmetic ({node.name}{reads})")
@@ -681,9 +684,7 @@ class _Lifter:
         runtime=True: the same for a small value computed from runtime inputs, evaluated on the example
         inputs and marked as read at run time (Note [Masks read at run time])."""
         ev = _compat.example_value(node)
-        if not isinstance(ev, Tensor) or ev.is_complex() or any(_is_symbolic(d) for d in ev.shape):
-            return None
-        if (sum(1 for d in ev.shape if d > 1) > 1 and not runtime) or ev.numel() > _SMALL_CONSTANT:
+        if not _is_small(ev) or (sum(1 for d in ev.shape if d > 1) > 1 and not runtime):
             return None  # not a per-token vector: an L x S tensor is never made at compile time
         if self.standins or (_runtime_inputs(node, values_only=True) and not runtime):
             return None
@@ -726,7 +727,7 @@ class _Lifter:
         if kind == "parameter":
             raise NotLiftable(f"reads the values of parameter {node.name}")
         if self.runtime and isinstance(x, Tensor) and not _is_fake(x) and isinstance(ev, Tensor):
-            if not any(_is_symbolic(d) for d in ev.shape) and not x.is_complex() and x.numel() <= _SMALL_CONSTANT:
+            if _is_small(ev):
                 return _captured(x, node, self.captures, runtime=True)  # Note [Masks read at run time]
             raise NotLiftable(f"runtime input {node.name} {tuple(ev.shape)} is too big or dynamic to read at run time")
         raise NotLiftable(f"reads the values of runtime input {node.name}")

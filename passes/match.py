@@ -86,7 +86,8 @@ class AttentionMatch:
 
 @dataclasses.dataclass
 class FlexPlan:
-    """A structured mask known at compile time, lifted into a mask_mod and a BlockMask."""
+    """A structured mask lifted into a mask_mod, with its BlockMask built at compile time (`tensors`) or in the
+    graph on every call (`in_graph`)."""
 
     kernel: str  # "flex" or "sdpa": what the cost model chose
     reason: str
@@ -104,7 +105,6 @@ class FlexPlan:
     # (Note [Masks read at run time] in passes/lift.py); `tensors` is then empty
     in_graph: bool = False
     neginf_key: str | None = None  # in_graph, additive mask: MASK_MODS key of "every term is -inf here"
-    batch_heads: tuple[int, int] = (1, 1)  # (B, H) of the call: in-graph tables are expanded to it
 
 
 class Rejection(Exception):
@@ -808,9 +808,8 @@ def match_attention(
             if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
         if "dense" in kinds and kinds <= {"dense", "causal", "none"} and flex_ok:  # causal at short lengths: fine
-            flex_plan = "Flex has no attention dropout" if dropout_p else _guarded_plan(
-                softmax, config, _plan_flex, softmax, scores, mask_nodes, gm, example_inputs, config, qv, sv,
-                mask_cache, biased)
+            flex_plan = _guarded_plan(softmax, config, dropout_p, qv, _plan_flex, softmax, scores, mask_nodes, gm,
+                                      example_inputs, config, qv, sv, mask_cache, biased)
         if len(kinds) == 1:
             mask_kind = kinds.pop()
             if mask_kind == "dense" and samples != [{}]:
@@ -819,8 +818,8 @@ def match_attention(
             mask_kind, fixup = "dense", _runtime_fixup(scores)
         if not samples and mask_kind == "dense":
             # Note [Runtime masks as in-graph block masks]
-            flex_plan = _guarded_plan(softmax, config, _plan_runtime_flex, softmax, scores, mask_nodes, gm,
-                                      example_inputs, config, qv, sv, dropout_p)
+            flex_plan = _guarded_plan(softmax, config, dropout_p, qv, _plan_runtime_flex, softmax, scores,
+                                      mask_nodes, gm, example_inputs, config, qv, sv)
 
     if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
         # a runtime mask may leave rows without keys on some call: they keep the run-time fix-up
@@ -954,8 +953,17 @@ def _lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: 
     return cache[key]
 
 
-def _guarded_plan(softmax: fx.Node, config: Any, planner: Any, *args: Any) -> FlexPlan | str:
-    """planner(*args); a planner that raises leaves the site on its dense mask (strict re-raises)."""
+def _guarded_plan(
+    softmax: fx.Node, config: Any, dropout_p: float, qv: Any, planner: Any, *args: Any
+) -> FlexPlan | str:
+    """planner(*args), where Flex can run at all (a string says why not); a planner that raises leaves the site
+    on its dense mask (strict re-raises). `qv`: the scores' example value."""
+    if dropout_p:
+        return "Flex has no attention dropout"
+    if config.flex == "never":
+        return "flex='never'"
+    if qv.dim() == 2:
+        return "Flex is used for 3-D and 4-D attention only"
     try:
         return planner(*args)
     except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
@@ -976,10 +984,6 @@ def _plan_flex(
     from asam_compile.block_mask import build_block_mask
     from asam_compile.passes.lift import name_mask
 
-    if config.flex == "never":
-        return "flex='never'"
-    if qv.dim() == 2:
-        return "Flex is used for 3-D and 4-D attention only"
     qv = _as_4d(qv)  # a 3-D (N, L, E) site runs as (1, N, L, E): its N is Flex's head dim
     dynamic = any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape))
     lifted = _lift_cached(mask_nodes, gm, example_inputs, cache)
@@ -1022,7 +1026,7 @@ def _plan_flex(
 # then fixed for the graph. Additive terms are left out of the score (kept positions add 0) only where the
 # graph proves each term is 0 or a removed-key value whatever the runtime values are (a `where` or
 # `masked_fill` of constants: HF's masks); otherwise a score_mod adds them, which is exact for any values.
-# Static shapes only (Note [Flex under dynamic shapes]); 4-D sites only.
+# Static shapes only (Note [Flex under dynamic shapes]); 3-D sites run as 4-D ones with a batch of 1.
 
 _BUILD_ELEMENTS_PER_S = 2.0e11  # in-graph block-mask build, mask elements per second (H100, est.)
 
@@ -1030,7 +1034,7 @@ _BUILD_ELEMENTS_PER_S = 2.0e11  # in-graph block-mask build, mask elements per s
 def _exclusion_only(node: Any, depth: int = 0) -> bool:
     """Every value of `node` is 0 or at most LARGE_NEGATIVE whatever the runtime inputs: constants put
     through where / masked_fill and shape or dtype ops."""
-    if isinstance(node, (int, float, bool)) and not isinstance(node, bool):
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
         return node == 0 or node <= LARGE_NEGATIVE
     if not isinstance(node, fx.Node) or depth > 64:
         return False
@@ -1038,13 +1042,13 @@ def _exclusion_only(node: Any, depth: int = 0) -> bool:
         return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     args = node.args
-    if name in ("where",) and len(args) == 3:
+    if name == "where" and len(args) == 3:
         return _exclusion_only(args[1], depth + 1) and _exclusion_only(args[2], depth + 1)
-    if name in ("masked_fill",) and len(args) == 3:
+    if name == "masked_fill" and len(args) == 3:
         return _exclusion_only(args[0], depth + 1) and _exclusion_only(args[2], depth + 1)
     if name in ("tensor", "scalar_tensor", "full") and args:
         value = args[0] if name != "full" else (args[1] if len(args) > 1 else node.kwargs.get("fill_value"))
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and _exclusion_only(value, depth + 1)
+        return not isinstance(value, fx.Node) and _exclusion_only(value, depth + 1)
     if name in ("zeros", "zeros_like", "new_zeros"):
         return True
     if name in ("to", "type", "float", "half", "bfloat16", "double", "expand", "expand_as", "broadcast_to",
@@ -1056,18 +1060,12 @@ def _exclusion_only(node: Any, depth: int = 0) -> bool:
 
 def _plan_runtime_flex(
     softmax: fx.Node, scores: _Scores, mask_nodes: list[fx.Node], gm: fx.GraphModule,
-    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, dropout_p: float,
+    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any,
 ) -> FlexPlan | str:
     """Note [Runtime masks as in-graph block masks]: the plan for a mask that reads runtime inputs, or the
     reason (a string) why it keeps a dense mask."""
     from asam_compile.passes.lift import NotLiftable, lift, name_mask
 
-    if config.flex == "never":
-        return "flex='never'"
-    if dropout_p:
-        return "Flex has no attention dropout"
-    if qv.dim() == 2:
-        return "Flex is used for 3-D and 4-D attention only"
     qv = _as_4d(qv)
     if any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape)):
         return "Flex under dynamic shapes is not built yet (Note [Flex under dynamic shapes])"
@@ -1165,8 +1163,7 @@ def _in_graph_plan(
         reason += "; additive terms as a score_mod"
     Bm, Hm = (qv.shape[0] if "b" in axes else 1), (qv.shape[1] if "h" in axes else 1)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
-                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key,
-                    batch_heads=tuple(qv.shape[:2]))
+                    tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key)
 
 
 def _plan_dynamic_flex(

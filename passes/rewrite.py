@@ -102,8 +102,15 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     return keep, rows
 
 
+def _emit_sizes(emit: _Emitter, q: fx.Node, k: fx.Node) -> dict[str, Any]:
+    """B, H, L (from q) and S (from k): ints, or size nodes of q and k where they are symbolic."""
+    qs, S = _compat.example_value(q).shape, _compat.example_value(k).shape[2]
+    found = {"B": (qs[0], q, 0), "H": (qs[1], q, 1), "L": (qs[2], q, 2), "S": (S, k, 2)}
+    return {n: emit("size", node, d) if isinstance(v, torch.SymInt) else v for n, (v, node, d) in found.items()}
+
+
 def _emit_block_build(
-    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, builds: dict[str, list[fx.Node]]
+    emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, builds: dict[str, list[fx.Node]]
 ) -> list[fx.Node]:
     """The in-graph block-mask build of a runtime mask (Note [Runtime masks as in-graph block masks] in
     passes/match.py), or of any mask under dynamic shapes: one call per mask and graph, emitted before its
@@ -111,20 +118,13 @@ def _emit_block_build(
     plan = m.flex_plan
     if plan.key in builds:
         return builds[plan.key]
-    device = _compat.example_value(m.out).device
-    B, H, L, E = _compat.example_value(q).shape
-    S = _compat.example_value(k).shape[2]
-
-    def size(value: Any, node: fx.Node, dim: int) -> Any:
-        return emit("size", node, dim) if isinstance(value, torch.SymInt) else value
-
-    sizes = {"B": size(B, q, 0), "H": size(H, q, 1), "L": size(L, q, 2), "S": size(S, k, 2)}
-    Bm, Hm = plan.mask_batch_heads
+    sizes = _emit_sizes(emit, q, k)
+    # the block mask spans B and H only where the mask depends on them (mask_batch_heads is 1 elsewhere)
+    mask_bh = tuple(1 if d == 1 else sizes[n] for n, d in zip("BH", plan.mask_batch_heads))
     call = emit(
-        runtime.block_mask_tensors_call, *plan.capture_nodes, mask_key=plan.key,
-        batch_heads=(sizes["B"] if isinstance(Bm, torch.SymInt) else Bm, sizes["H"] if isinstance(Hm, torch.SymInt) else Hm),
-        seq_lengths=(sizes["L"], sizes["S"]), block_size=plan.block_size, device=device, neginf_key=plan.neginf_key,
-        full_batch_heads=(sizes["B"], sizes["H"]),
+        runtime.block_mask_tensors_call, *plan.capture_nodes, mask_key=plan.key, batch_heads=mask_bh,
+        seq_lengths=(sizes["L"], sizes["S"]), block_size=plan.block_size, device=_compat.example_value(m.out).device,
+        neginf_key=plan.neginf_key, full_batch_heads=(sizes["B"], sizes["H"]),
     )
     call.meta.pop("nn_module_stack", None)  # shared by the layers: it belongs to none of them
     outs = [emit(operator.getitem, call, i) for i in range(len(_compat.example_value(call)))]
@@ -138,8 +138,8 @@ def _emit_flex(
     """flex_attention_call(q, k, v, <block-mask tensors: graph constants, or `tables` built in the graph>, ...)."""
     plan = m.flex_plan
     if plan.in_graph:
-        L, S = _compat.example_value(q).shape[2], _compat.example_value(k).shape[2]
-        seq_lengths = tuple(emit("size", x, 2) if isinstance(n, torch.SymInt) else n for x, n in ((q, L), (k, S)))
+        sizes = _emit_sizes(emit, q, k)
+        seq_lengths = (sizes["L"], sizes["S"])
         return emit(
             runtime.flex_attention_call, q, k, v, *tables[:4], *plan.capture_nodes, mask_key=plan.key,
             block_size=plan.block_size, seq_lengths=seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
@@ -172,7 +172,7 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         q = emit(torch.div if is_div else torch.mul, q, f)
     k = _emit_operand(emit, m.k, m.rank, dtype)
     v = _emit_operand(emit, m.v, m.rank, dtype)
-    tables = _emit_block_build(gm, emit, m, q, k, builds) if m.mask_kind == "flex" and m.flex_plan.in_graph else None
+    tables = _emit_block_build(emit, m, q, k, builds) if m.mask_kind == "flex" and m.flex_plan.in_graph else None
     attn_mask, rows = (None, None)
     if m.mask_kind == "dense":
         attn_mask, rows = _emit_mask(emit, m)

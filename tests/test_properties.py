@@ -104,6 +104,26 @@ class Spec:
         return 1.0 if self.scale_place == "none" else self.scale_value
 
 
+def _matmul(spelling: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b written as `spelling` says: "matmul" (torch.matmul), "at" (@), "method" (a.matmul), else bmm."""
+    if spelling == "matmul":
+        return torch.matmul(a, b)
+    if spelling == "at":
+        return a @ b
+    if spelling == "method":
+        return a.matmul(b)
+    return torch.bmm(a, b)
+
+
+def _einsum(eq: str, a: torch.Tensor, b: torch.Tensor, swapped: bool) -> torch.Tensor:
+    """einsum(eq, a, b), or with swapped=True the same contraction written with b first."""
+    if not swapped:
+        return torch.einsum(eq, a, b)
+    inputs, output = eq.split("->")
+    x, y = inputs.split(",")
+    return torch.einsum(f"{y},{x}->{output}", b, a)
+
+
 class Program(nn.Module):
     """Hand-written attention spelled as `spec` says. forward(q, k, v, mask) with mask possibly None."""
 
@@ -213,21 +233,10 @@ class Program(nn.Module):
                 eq_qk, eq_pv = "...ld,...sd->...ls", "...ls,...sd->...ld"
             else:
                 eq_qk, eq_pv = f"{lead}ld,{lead}sd->{lead}ls", f"{lead}ls,{lead}sd->{lead}ld"
-            if sp.qk == "einsum_kq":  # K first: the same contraction, operands swapped
-                a, b = eq_qk.split("->")[0].split(",")
-                scores = torch.einsum(f"{b},{a}->{eq_qk.split('->')[1]}", k, q)
-            else:
-                scores = torch.einsum(eq_qk, q, k)
+            # K first ("einsum_kq"): the same contraction, operands swapped
+            scores = _einsum(eq_qk, q, k, swapped=sp.qk == "einsum_kq")
         else:
-            kt = self._kt(k)
-            if sp.qk == "matmul":
-                scores = torch.matmul(q, kt)
-            elif sp.qk == "at":
-                scores = q @ kt
-            elif sp.qk == "method":
-                scores = q.matmul(kt)
-            else:
-                scores = torch.bmm(q, kt)
+            scores = _matmul(sp.qk, q, self._kt(k))
         if "clone_scores" in ex:
             scores = scores.clone()
         if sp.scale_place.startswith("scores"):
@@ -298,19 +307,9 @@ class Program(nn.Module):
 
         # values
         if sp.qk.startswith("einsum"):
-            if sp.pv == "einsum_vfirst":
-                a, b = eq_pv.split("->")[0].split(",")
-                out = torch.einsum(f"{b},{a}->{eq_pv.split('->')[1]}", v, probs)
-            else:
-                out = torch.einsum(eq_pv, probs, v)
-        elif sp.pv == "matmul":
-            out = torch.matmul(probs, v)
-        elif sp.pv == "at":
-            out = probs @ v
-        elif sp.pv == "method":
-            out = probs.matmul(v)
+            out = _einsum(eq_pv, probs, v, swapped=sp.pv == "einsum_vfirst")
         else:
-            out = torch.bmm(probs, v)
+            out = _matmul(sp.pv, probs, v)
         if sp.rank == 4 and sp.layout == "blhe" and not contract_blhe:
             out = out.transpose(1, 2)
             if "contiguous_out" in ex:
