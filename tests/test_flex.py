@@ -253,6 +253,29 @@ def test_three_d_window_runs_flex_over_the_merged_batch_head_dim_and_matches_flo
     assert err <= 4 * err_eager + 1e-6, (err, err_eager)
 
 
+class TwoDWindow(nn.Module):
+    """(L, E) attention with one head and no batch dim, windowed with masked_fill(-inf)."""
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[0])
+        att = (q @ k.T) * q.shape[-1] ** -0.5
+        return att.masked_fill((i[None, :] - i[:, None]).abs() > 5, float("-inf")).softmax(-1) @ v
+
+
+def test_two_d_window_keeps_dense_sdpa_and_matches_float64():
+    """Near miss of the 3-D case: 2-D sites are not sent to Flex; SDPA with the dense mask, reason reported."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(45, 16, generator=g) for _ in range(3))
+    model = TwoDWindow()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(q, k, v)
+    assert count_flex(cap.graphs) == 0 and count_sdpa(cap.graphs) == 1, cap.report
+    assert "3-D and 4-D" in cap.report.rewritten[0].info["kernel"], cap.report
+    ref = model(q.double(), k.double(), v.double())
+    err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v).double() - ref).abs().max().item()
+    assert err <= 4 * err_eager + 1e-6, (err, err_eager)
+
+
 class ThreeDKeyPadding(nn.Module):
     """(B*H, L, E) bmm spelling with a per-(batch*head) key padding vector given at run time."""
 

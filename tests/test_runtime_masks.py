@@ -260,3 +260,21 @@ def test_block_tables_op_copies_and_expands():
         for a, b in zip(out, tables):
             assert a.shape[:2] == (2, 3) and a.is_contiguous() and a.data_ptr() != b.data_ptr()
             assert torch.equal(a, b.expand_as(a))
+
+
+def test_runtime_mask_under_dynamic_shapes_keeps_a_dense_mask_and_matches_float64():
+    """Near miss: a mask read from a run-time tensor in a dynamic-shape graph is not lifted (its captures would
+    have symbolic shapes): SDPA with the dense mask, the reason in the report, numbers as eager's."""
+    model = KeyFill(float("-inf"))
+    compiled = torch.compile(model, backend="asam", options=FLEX, dynamic=True)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for L in (40, 57, 90):
+            q, k, v = qkv(2, L, seed=L)
+            keep = torch.rand(2, L, generator=torch.Generator().manual_seed(L)) > 0.3
+            out = compiled(q, k, v, keep)
+            ref = model(q.double(), k.double(), v.double(), keep)
+            err, err_eager = (out.double() - ref).abs().max().item(), (model(q, k, v, keep).double() - ref).abs().max().item()
+            assert err <= 4 * err_eager + 1e-6, (L, err, err_eager)
+    assert len(nodes_calling(cap.graphs, runtime.flex_attention_call)) == 0
+    assert cap.report.rewritten and all(
+        c.target == "sdpa" and "dynamic shapes" in c.info["kernel"] for c in cap.report.rewritten), cap.report
