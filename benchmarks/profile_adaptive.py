@@ -6,6 +6,8 @@
     flex         compiled flex_attention on that BlockMask alone
     op           the whole op; sdpa: SDPA flash (is_causal) on the same q, k, v
 Then a torch.profiler table of a few op calls (CPU and device time per kernel and Python op).
+--in-graph profiles the default path instead: the hand-written module compiled with backend="asam" in adaptive
+mode (selection, block mask and Flex in one Inductor graph), its kernels sorted by device time.
 
     python benchmarks/profile_adaptive.py --inputs planted --seq 16384
     python benchmarks/profile_adaptive.py --inputs qkv/smollm2_L8192_layer14.pt --seq 8192
@@ -35,6 +37,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--in-graph", action="store_true", help="profile the in-graph default path, not the op")
     args = p.parse_args()
 
     from torch.nn.attention.flex_attention import BlockMask
@@ -56,6 +59,14 @@ def main() -> None:
                                         compute_q_blocks=False)
 
     bm = build()
+    if args.in_graph:
+        return in_graph(args, q, k, v, dev, {
+            "select": bench(lambda: select(q, k, scale, True, st), dev, args.iters),
+            "mask": bench(build, dev, args.iters),
+            "flex": bench(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
+            "sdpa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev,
+                          args.iters),
+        }, adaptive.block_density(kept, allowed.expand_as(kept)))
     op = torch.ops.asam.adaptive_attention
     rows = {
         "select": bench(lambda: select(q, k, scale, True, st), dev, args.iters),
@@ -75,6 +86,29 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+
+
+def in_graph(args, q, k, v, dev, rows, density) -> None:
+    """Time and profile the compiled module (the default in-graph path) next to its parts timed alone."""
+    import asam_compile
+    from asam_compile.models import CausalAttention
+
+    opts = {"mode": "adaptive", "coverage": args.coverage, "max_density": args.max_density, "min_seq_len": 0}
+    fn = torch.compile(CausalAttention(), backend="asam", options=opts)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        fn(q, k, v)
+        rows["in-graph"] = bench(lambda: fn(q, k, v), dev, args.iters)
+        print({"inputs": args.inputs, "seq": args.seq, "density": density,
+               "fired": [c.target for c in cap.report.candidates]}, flush=True)
+        for name, ms in rows.items():
+            print(f"{name:12s} {ms:8.3f} ms", flush=True)
+        with torch.profiler.profile() as prof:
+            for _ in range(5):
+                fn(q, k, v)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
 if __name__ == "__main__":

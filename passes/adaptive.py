@@ -1,8 +1,10 @@
 """Which matched attention sites go ASAM adaptive sparse, with which settings, or why they stay exact.
 
 A site goes sparse in mode="adaptive", or when a module marked with asam_compile.sparse(...) is on its
-nn_module_stack; the innermost mark's settings override the backend's options. The rewrite then emits
-the asam::adaptive_attention op (asam_compile.adaptive) instead of SDPA (Note [Adaptive sparse attention]).
+nn_module_stack; the innermost mark's settings override the backend's options. The rewrite then emits the
+in-graph adaptive call (asam_compile.adaptive; the asam::adaptive_attention op with dense_fallback) instead of
+SDPA (Note [Adaptive sparse attention]); inside a mask's Flex block mask for a masked site (Note [Adaptive over a
+structured mask]).
 """
 
 from __future__ import annotations
@@ -42,10 +44,21 @@ def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> Sp
 
 
 def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, device: torch.device,
-            requires_grad: bool) -> str | None:
-    """Why this matched site cannot or should not go sparse (it then stays exact), or None."""
-    if m.mask_kind not in ("none", "causal"):
-        return f"adaptive sparse takes no mask or a causal one; this site has a {m.mask_kind} mask"
+            requires_grad: bool, mask_kind: str | None = None) -> str | None:
+    """Why this matched site cannot or should not go sparse (it then stays exact), or None. `mask_kind`: the
+    site's, if it went adaptive (a dense mask with a Flex plan becomes "flex")."""
+    mask_kind = mask_kind or m.mask_kind
+    if mask_kind not in ("none", "causal", "flex"):
+        why = f" ({m.flex_plan})" if isinstance(m.flex_plan, str) else ""
+        return (f"adaptive sparse takes no mask, a causal one, or one that becomes a Flex block mask; this site "
+                f"keeps a {mask_kind} mask{why}")
+    if mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/adaptive.py
+        if settings.dense_fallback:
+            return "dense_fallback takes no mask or a causal one"
+        if settings.estimator != "pooled":
+            return f"the {settings.estimator} estimator takes no mask or a causal one"
+        if settings.block_size != m.flex_plan.block_size:
+            return f"block_size {settings.block_size} differs from the mask's block mask ({m.flex_plan.block_size})"
     if m.dropout_p:
         return "attention dropout (Flex has none)"
     # Under dynamic shapes these comparisons become guards (Note [Adaptive under dynamic shapes])

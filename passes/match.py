@@ -834,13 +834,8 @@ def match_attention(
     if mask_kind == "flex" and qs[-1] != vs[-1]:
         mask_kind, flex_plan = "dense", f"Flex needs equal query and value head sizes ({qs[-1]} vs {vs[-1]})"
 
-    # GQA: repeated K/V heads
-    enable_gqa = False
     v_full = v
-    if config.use_gqa and mask_kind in ("none", "causal", "flex") and rank == 4 and not k.steps and not v.steps:
-        rk, rv = _repeat_source(k.node), _repeat_source(v.node)
-        if rk and rv and rk[1] == rv[1] and rk[1] > 1 and _val(rk[0]).shape[1] == _val(rv[0]).shape[1]:
-            k, v, enable_gqa = Operand(rk[0]), Operand(rv[0]), True
+    k, v, enable_gqa = _gqa_operands(k, v, mask_kind, rank, config)
 
     # Note [Tensors changed in place inside the pattern]
     sources = [q.node, k.node, v.node, v_full.node, *mask_nodes, *(f for f, _ in sym)]
@@ -863,6 +858,15 @@ def match_attention(
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
     )
+
+
+def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: Any) -> tuple[Operand, Operand, bool]:
+    """GQA: K/V before their heads were repeated, and enable_gqa, where the kernel takes them; else k, v, False."""
+    if config.use_gqa and mask_kind in ("none", "causal", "flex") and rank == 4 and not k.steps and not v.steps:
+        rk, rv = _repeat_source(k.node), _repeat_source(v.node)
+        if rk and rv and rk[1] == rv[1] and rk[1] > 1 and _val(rk[0]).shape[1] == _val(rv[0]).shape[1]:
+            return Operand(rk[0]), Operand(rv[0]), True
+    return k, v, False
 
 
 # Note [Tensors changed in place inside the pattern]
@@ -1294,11 +1298,19 @@ def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candi
         return
     probs, out = _val(m.softmax), _val(m.out)
     qs, vs = _shape_after(m.q), _shape_after(m.v)
+    # a mask whose Flex plan the cost model declined for the dense kernel: the adaptive call runs Flex on a
+    # subset of its blocks (Note [Adaptive over a structured mask] in asam_compile/adaptive.py)
+    to_flex = m.mask_kind == "dense" and isinstance(m.flex_plan, FlexPlan)
     why = adaptive.refusal(m, settings, probs.shape[-2], probs.shape[-1], qs[-1], vs[-1], out.device,
-                           bool(out.requires_grad))
+                           bool(out.requires_grad), mask_kind="flex" if to_flex else m.mask_kind)
     if why is not None:
         cand.info["adaptive"] = f"exact: {why}"
         return
+    if to_flex:
+        m.mask_kind, m.fixup = "flex", (m.fixup if m.flex_plan.in_graph else None)
+        m.k, m.v, m.enable_gqa = _gqa_operands(m.k, m.v, "flex", m.rank, config)
+        cand.info.update(mask=f"flex:{m.flex_plan.name}", enable_gqa=m.enable_gqa,
+                         kernel=f"flex: adaptive, inside the mask's blocks (alone: {m.flex_plan.kernel}, {m.flex_plan.reason})")
     m.adaptive = settings
     cand.target = "adaptive"
     cand.info["adaptive"] = (
@@ -1306,4 +1318,5 @@ def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candi
         f"sinks={settings.sinks}, block_size={settings.block_size}"
         + (", dense_fallback=True" if settings.dense_fallback else "")
         + (f", estimator={settings.estimator}" if settings.estimator != "pooled" else "")
+        + (f", inside the block mask of {m.flex_plan.name}" if m.mask_kind == "flex" else "")
     )

@@ -46,7 +46,7 @@ class _Emitter:
         # graph's fake mode, where its sizes may be symbolic
         mode = _compat.fake_mode_from((fargs, fkwargs)) or _compat.fake_mode_from([_compat.example_value(self.like)])
         with mode or contextlib.nullcontext():
-            if target in (runtime.flex_attention_call, adaptive.adaptive_attention_call):
+            if target in (runtime.flex_attention_call, *adaptive.IN_GRAPH_CALLS):
                 # same output as SDPA on the same q, k, v; cheaper and surer than tracing Flex on fakes
                 q, k, v = fargs[:3]
                 if fkwargs.get("enable_gqa"):
@@ -132,19 +132,15 @@ def _emit_block_build(
     return outs
 
 
-def _emit_flex(
-    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node, tables: list[fx.Node] | None
-) -> fx.Node:
-    """flex_attention_call(q, k, v, <block-mask tensors: graph constants, or `tables` built in the graph>, ...)."""
+def _emit_tables(
+    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, tables: list[fx.Node] | None
+) -> tuple[list[fx.Node], tuple[Any, Any]]:
+    """The four block-mask tables of a Flex plan as nodes (`tables` built in the graph, or graph constants),
+    and the (L, S) they span (size nodes where symbolic)."""
     plan = m.flex_plan
     if plan.in_graph:
         sizes = _emit_sizes(emit, q, k)
-        seq_lengths = (sizes["L"], sizes["S"])
-        return emit(
-            runtime.flex_attention_call, q, k, v, *tables[:4], *plan.capture_nodes, mask_key=plan.key,
-            block_size=plan.block_size, seq_lengths=seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
-            score_key=plan.score_key,
-        )
+        return list(tables[:4]), (sizes["L"], sizes["S"])
     consts = []
     for field, tensor in zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), plan.tensors):
         name = f"_asam_{plan.key}_{field}"
@@ -155,9 +151,19 @@ def _emit_flex(
         mode = _compat.fake_mode_from([_compat.example_value(q)])
         node.meta["example_value"] = mode.from_tensor(tensor) if mode is not None else tensor
         consts.append(node)
+    return consts, plan.seq_lengths
+
+
+def _emit_flex(
+    gm: fx.GraphModule, emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node, tables: list[fx.Node] | None
+) -> fx.Node:
+    """flex_attention_call(q, k, v, <block-mask tensors: graph constants, or `tables` built in the graph>, ...)."""
+    plan = m.flex_plan
+    nodes, seq_lengths = _emit_tables(gm, emit, m, q, k, tables)
     return emit(
-        runtime.flex_attention_call, q, k, v, *consts, *plan.capture_nodes, mask_key=plan.key, block_size=plan.block_size,
-        seq_lengths=plan.seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa, score_key=plan.score_key,
+        runtime.flex_attention_call, q, k, v, *nodes, *plan.capture_nodes, mask_key=plan.key,
+        block_size=plan.block_size, seq_lengths=seq_lengths, scale=m.scale, enable_gqa=m.enable_gqa,
+        score_key=plan.score_key,
     )
 
 
@@ -187,7 +193,15 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
     if m.adaptive is not None:
         st = m.adaptive
         causal = m.mask_kind == "causal"
-        if st.dense_fallback:
+        if m.mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/adaptive.py
+            nodes, _ = _emit_tables(gm, emit, m, q, k, tables)
+            out = emit(
+                adaptive.adaptive_masked_call, q, k, v, *nodes, *m.flex_plan.capture_nodes, mask_key=m.flex_plan.key,
+                block_size=m.flex_plan.block_size, scale=m.scale, enable_gqa=m.enable_gqa,
+                score_key=m.flex_plan.score_key, coverage=st.coverage, max_density=st.max_density, window=st.window,
+                sinks=st.sinks,
+            )
+        elif st.dense_fallback:
             out = emit(
                 torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, st.block_size, st.coverage,
                 st.max_density, st.window, st.sinks, st.estimator,

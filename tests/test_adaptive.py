@@ -158,6 +158,38 @@ def test_full_coverage_is_exact(causal):
     torch.testing.assert_close(out, exact(model, inputs), atol=EXACT_TOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 9), (1, 4, 33, 33)])
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.7, 1.0])
+def test_block_index_tables_equal_a_stable_descending_argsort(shape, p):
+    """_indices (running counts and a scatter, no sort) gives each row's kept blocks first, each group in order:
+    exactly what a stable descending argsort of the row gives, eager and compiled."""
+    blocks = torch.rand(shape, generator=torch.Generator().manual_seed(shape[-1])) < p
+    expected = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    for fn in (adaptive._indices, torch.compile(adaptive._indices, dynamic=False)):
+        num, idx = fn(blocks)
+        assert num.dtype == idx.dtype == torch.int32
+        assert torch.equal(num, blocks.sum(-1, dtype=torch.int32))
+        assert torch.equal(idx, expected)
+
+
+def test_inference_graphs_skip_the_q_side_block_tables(monkeypatch):
+    """Flex's q-side tables serve only its backward: a no_grad adaptive graph does not ask for them."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    asked = []
+    original = BlockMask.from_kv_blocks.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("compute_q_blocks", True))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BlockMask, "from_kv_blocks", classmethod(spy))
+    out, _ = compile_adaptive(CausalAttention(), qkv(L=1000, H=4, Hkv=2), coverage=0.3, max_density=1.0, window=1,
+                              sinks=1)
+    assert asked and not any(asked), asked
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("L", [1000, 1500])
 def test_compiled_flex_equals_dense_reference_on_the_kept_blocks(L):
     """At low coverage the compiled block-sparse kernel computes exactly softmax over the kept blocks."""
@@ -318,9 +350,13 @@ def test_sites_that_stay_exact_say_why(why, options, make):
                 s = q @ k.transpose(-2, -1) + pad
                 return F.softmax(s, -1) @ v
 
-        pad = torch.zeros(1, 1, 1, 512)
-        pad[..., 500:] = float("-inf")
-        model, inputs = PaddedAttn(), (*qkv(L=512), pad)
+        # an arbitrary (L, S) additive mask too large to lift as a run-time capture: it stays a dense SDPA mask,
+        # which the adaptive mode cannot run inside (a padding vector would become a Flex block mask, see
+        # tests/test_runtime_masks.py)
+        g = torch.Generator().manual_seed(0)
+        pad = torch.where(torch.rand(1, 1, 1100, 1100, generator=g) < 0.3, float("-inf"), 0.0)
+        pad.diagonal(dim1=-2, dim2=-1).zero_()
+        model, inputs = PaddedAttn(), (*qkv(L=1100), pad)
     opts = {"mode": "adaptive", "min_seq_len": 0, **options}
     torch._dynamo.reset()
     with asam_compile.capture() as cap, torch.no_grad() if why != "no backward" else torch.enable_grad():

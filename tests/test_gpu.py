@@ -262,3 +262,54 @@ def test_gpu_flex_dynamic_shapes_and_three_d_bf16():
     assert [c.target for c in cap.report.rewritten] == ["flex"], cap.report
     ref = three_d(q.double(), k.double(), v.double())
     assert_no_worse(max_abs_err(out, ref), max_abs_err(eager, ref), "3-D window", slack=1e-3)
+
+
+def test_gpu_adaptive_batch_two_inference_and_inside_a_padding_mask_bf16():
+    """In-graph adaptive inference with a batch of 2 (the case that crashed Inductor's Flex template for runtime
+    masks: Note [Block tables leave the graph through an opaque op]), causal and inside a run-time padding mask
+    (Note [Adaptive over a structured mask]); then forward and backward inside a right-padding mask. Each is
+    judged against float64 of the same kept blocks, no worse than that program in bf16."""
+    from test_adaptive import CausalAttention, planted
+    from test_runtime_masks import MaskedAttention, adaptive_reference
+
+    from asam_compile.adaptive import SparseSettings, reference
+
+    q, k, v = (x.cuda() for x in planted(B=2, H=4, L=2048, E=64))
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1, "sinks": 1,
+            "block_size": 128, "strict": True}
+    settings = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
+    bq, bk, bv = (x.bfloat16() for x in (q, k, v))
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(CausalAttention(), backend="asam", options=opts)(bq, bk, bv)
+        ref, density = reference(bq.double(), bk.double(), bv.double(), scale=64**-0.5, causal=True, settings=settings)
+        bf, _ = reference(bq, bk, bv, scale=64**-0.5, causal=True, settings=settings)
+    assert [c.target for c in cap.report.candidates] == ["adaptive"] and density < 0.6
+    assert_no_worse(max_abs_err(out.double(), ref), max_abs_err(bf.double(), ref), "causal batch 2", slack=2e-3)
+
+    kq, kk, kv = q, k[:, ::2].contiguous(), v[:, ::2].contiguous()
+    for side in ("left", "right"):
+        keep = torch.ones(2, 2048, dtype=torch.bool, device="cuda")
+        if side == "left":
+            keep[1, :300] = False
+        else:
+            keep[1, 1700:] = False
+        model = MaskedAttention("padding")
+        xs = [x.bfloat16().detach().requires_grad_(side == "right") for x in (kq, kk, kv)]
+        torch._dynamo.reset()
+        with torch.enable_grad() if side == "right" else torch.no_grad(), asam_compile.capture() as cap:
+            out = torch.compile(model, backend="asam", options=opts)(*xs, keep)
+        assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
+        xd = [x.detach().double().requires_grad_(side == "right") for x in xs]
+        with torch.enable_grad() if side == "right" else torch.no_grad():
+            ref, density = adaptive_reference(model, *xd, keep, settings)
+        assert density < 0.7, density
+        assert torch.equal(out.isnan(), ref.isnan()), side
+        ok = ~ref.isnan()
+        err = (out.double() - ref).where(ok, 0).abs().max().item()
+        assert err < 0.05, (side, err)
+        if side == "right":
+            out.float().pow(2).sum().backward()
+            ref.pow(2).sum().backward()
+            for i, (a, r) in enumerate(zip(xs, xd)):
+                e = (a.grad.double() - r.grad).abs().max().item() / r.grad.abs().max().item()
+                assert e < 0.05, (i, e)

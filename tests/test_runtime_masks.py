@@ -278,3 +278,134 @@ def test_runtime_mask_under_dynamic_shapes_keeps_a_dense_mask_and_matches_float6
     assert len(nodes_calling(cap.graphs, runtime.flex_attention_call)) == 0
     assert cap.report.rewritten and all(
         c.target == "sdpa" and "dynamic shapes" in c.info["kernel"] for c in cap.report.rewritten), cap.report
+
+
+# ------------------------------------------------------------------ adaptive sparse inside a structured mask
+
+
+class MaskedAttention(nn.Module):
+    """Hand-written GQA attention under a causal mask combined with a caller-given key padding vector
+    ("padding": read at run time) or with a sliding window ("window": shapes only)."""
+
+    def __init__(self, kind: str, window: int = 300) -> None:
+        super().__init__()
+        self.kind, self.window = kind, window
+
+    def forward(self, q, k, v, keep):
+        L, S = q.shape[-2], k.shape[-2]
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        i, j = torch.arange(L, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+        mask = (j <= i)[None, None]
+        mask = mask & keep[:, None, None, :] if self.kind == "padding" else mask & (i - j < self.window)
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+    def dense_mask(self, keep, L, S):
+        i, j = torch.arange(L, device=keep.device)[:, None], torch.arange(S, device=keep.device)[None, :]
+        mask = (j <= i)[None, None]
+        return mask & keep[:, None, None, :] if self.kind == "padding" else mask & (i - j < self.window)
+
+
+def adaptive_reference(model, q, k, v, keep, settings):
+    """Float64 SDPA with the original mask restricted to the blocks the selection keeps inside it."""
+    from asam_compile.adaptive import _select
+
+    bs, L, S = settings.block_size, q.shape[2], k.shape[2]
+    QB, KB = -(-L // bs), -(-S // bs)
+    mask = model.dense_mask(keep, L, S)
+    counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(*mask.shape[:2], QB, bs, KB, bs).sum((3, 5))
+    allowed, partial = counts > 0, (counts > 0) & (counts < bs * bs)
+    kr, vr = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+    kept, _, allowed, dense = _select(q, kr, q.shape[-1] ** -0.5, False, settings, blocks=(allowed, partial))
+    kept = torch.where(dense[..., None, None], allowed, kept)
+    full = mask & kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :L, :S]
+    scores = (q.double() @ kr.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    ref = torch.softmax(scores.masked_fill(~full, float("-inf")), -1) @ vr.double()
+    return ref, float(kept.sum() / allowed.expand_as(kept).sum())
+
+
+@pytest.mark.parametrize("kind", ["padding", "window"])
+def test_adaptive_inside_a_structured_mask_equals_the_dense_reference(kind):
+    """Note [Adaptive over a structured mask]: the selection runs inside the mask's block mask (built in the graph
+    from the run-time padding vector, or at compile time for the window) and Flex computes exactly the kept
+    blocks under the original mask; rows the mask leaves empty give what eager gives (NaN here)."""
+    from asam_compile.adaptive import SparseSettings, adaptive_masked_call
+    from test_adaptive import planted
+
+    q, k, v = (x[:, :, :1000].contiguous() for x in planted(B=2, H=4, L=1024))
+    k, v = k[:, ::2].contiguous(), v[:, ::2].contiguous()  # GQA: 2 kv heads
+    keep = torch.ones(2, 1000, dtype=torch.bool)
+    keep[1, :300] = False  # left padding of the second item: its first 300 query rows have no key
+    model = MaskedAttention(kind)
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.5, "max_density": 1.0, "window": 1, "sinks": 1,
+            "block_size": 128, "strict": True}
+    torch._dynamo.reset()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options=opts)(q, k, v, keep)
+        eager = model(q, k, v, keep)
+    [cand] = cap.report.candidates
+    assert cand.target == "adaptive" and "inside the block mask of" in cand.info["adaptive"], cand.info
+    assert cand.info["enable_gqa"] is True, cand.info
+    assert len(nodes_calling(cap.graphs, adaptive_masked_call)) == 1
+    ref, density = adaptive_reference(model, q, k, v, keep, SparseSettings(128, 0.5, 1.0, 0, 1, 1))
+    assert density < 0.8, density
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isnan(), eager.isnan())
+    torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-4)
+    assert (out - eager).nan_to_num().abs().max() > 1e-2  # it really is sparse
+
+
+def test_hf_llama_left_padding_goes_adaptive_and_full_coverage_is_exact():
+    """An HF Llama with a left-padded batch in adaptive mode: both layers go adaptive inside the padding mask
+    built in the graph (one build), a second call with other padding reuses the graph, and at coverage 1.0
+    the result equals eager, padded rows included."""
+    from asam_compile.adaptive import adaptive_masked_call
+
+    model = small_llama()
+    ref_model = copy.deepcopy(model).double()
+    ids = torch.randint(0, 128, (2, 77))
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 1.0, "block_size": 16, "strict": True}
+    compiled = torch.compile(model, backend="asam", options=opts)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for am in (padding(2, 77, left=(0, 20)), padding(2, 77, left=(50, 0))):
+            out = logits(compiled(input_ids=ids, attention_mask=am))
+            assert_matches(out, logits(model(input_ids=ids, attention_mask=am)),
+                           logits(ref_model(input_ids=ids, attention_mask=am)))
+    assert len(cap.graphs) == 1, "new padding values must not recompile"
+    assert len(nodes_calling(cap.graphs, adaptive_masked_call)) == 2
+    assert len(nodes_calling(cap.graphs, runtime.block_mask_tensors_call)) == 1, "layers share one build"
+    assert all(c.target == "adaptive" for c in cap.report.candidates), cap.report.candidates
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"estimator": "sampled"}, "the sampled estimator takes no mask or a causal one"),
+    ({"dense_fallback": True}, "dense_fallback takes no mask or a causal one"),
+    ({"flex": "never"}, "keeps a dense mask (flex='never')"),
+])
+def test_adaptive_near_misses_inside_a_mask_stay_exact_with_the_reason(extra, needle):
+    q, k, v = qkv(2, 300, H=4)
+    keep = torch.ones(2, 300, dtype=torch.bool)
+    keep[0, 250:] = False
+    model = MaskedAttention("padding")
+    opts = {"mode": "adaptive", "min_seq_len": 0, "block_size": 64, "strict": True, **extra}
+    torch._dynamo.reset()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options=opts)(q, k, v, keep)
+    [cand] = cap.report.candidates
+    assert cand.target != "adaptive" and needle in cand.info["adaptive"], cand.info
+    torch.testing.assert_close(out, model(q, k, v, keep), atol=2e-5, rtol=1e-4)
+
+
+def test_adaptive_inside_a_window_under_dynamic_shapes_is_one_graph():
+    """A shape-only mask under dynamic shapes gets its block mask built in the graph per call's length; the
+    adaptive selection runs inside it: one graph serves three lengths, exact at coverage 1.0."""
+    model = MaskedAttention("window", window=200)
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 1.0, "block_size": 64, "strict": True}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="asam", dynamic=True, options=opts)
+    with torch.no_grad(), asam_compile.capture() as cap:
+        for L in (300, 420, 511):
+            q, k, v = qkv(1, L, H=4, seed=L)
+            keep = torch.ones(1, L, dtype=torch.bool)
+            torch.testing.assert_close(compiled(q, k, v, keep), model(q, k, v, keep), atol=2e-5, rtol=1e-4)
+    assert len(cap.graphs) == 1
+    assert all(c.target == "adaptive" and "sliding_window_200" in c.info["adaptive"] for c in cap.report.candidates)
