@@ -12,6 +12,10 @@ rewritten measures nothing. Each (options, length) gets a fresh Dynamo (`torch._
 shapes, so a second length never turns into a dynamic-shape compile. An options set that fails (e.g. a mode
 this checkout does not have yet) becomes a row with its error; the sweep goes on.
 
+--pad N runs SmolLM2 on a batch of two instead: the first L tokens, and the same text left-padded by N tokens
+(attention_mask 0 there, no loss on them): the padding mask is read at run time, so the sites test the adaptive
+mode inside a run-time padding mask (Note [Adaptive over a structured mask]).
+
     python benchmarks/accuracy_adaptive.py --lengths 2048                     # the exact default only
     python benchmarks/accuracy_adaptive.py --lengths 2048 4096 8192 \\
         --options '{"mode": "adaptive", "coverage": 0.95}' --options '{"mode": "adaptive", "coverage": 0.99}' \\
@@ -153,6 +157,20 @@ def selection_density(model: Any, ids: torch.Tensor, L: int, opts: dict[str, Any
     return sum(densities) / len(densities) if densities else None
 
 
+def padded_perplexity(model: torch.nn.Module, ids: torch.Tensor, length: int, pad: int) -> float:
+    """Perplexity of a batch of two: ids[:, :length], and ids[:, :length - pad] left-padded by `pad` tokens
+    (attention_mask 0 and no loss there). RoPE scores depend on relative positions only, so the padded row's
+    real tokens see what they would see unpadded."""
+    row = ids[0, :length]
+    padded = torch.cat([torch.zeros(pad, dtype=ids.dtype, device=ids.device), ids[0, :length - pad]])
+    batch = torch.stack([row, padded])
+    attention_mask = torch.ones_like(batch)
+    attention_mask[1, :pad] = 0
+    labels = batch.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids=batch, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+    return float(torch.exp(loss.double()))
+
+
 def run_smollm2(args: argparse.Namespace, option_sets: list[dict[str, Any]], dtype: torch.dtype) -> Rows:
     """Perplexity rows: for each length, eager first, then one row per options set."""
     t0 = time.perf_counter()
@@ -165,8 +183,11 @@ def run_smollm2(args: argparse.Namespace, option_sets: list[dict[str, Any]], dty
 
     rows: Rows = []
     for L in args.lengths:
+        def measure(m, L=L):
+            return padded_perplexity(m, ids, L, args.pad) if args.pad else perplexity(m, ids, L)
+
         t0 = time.perf_counter()
-        eager_ppl = perplexity(model, ids, L)
+        eager_ppl = measure(model)
         eager_s = time.perf_counter() - t0
         rows.append({"model": "SmolLM2-135M", "length": L, "options": None, "label": "eager", "ppl": eager_ppl,
                      "rel_change_pct": 0.0, "first_call_s": eager_s, "run_s": eager_s, "sites": None})
@@ -174,10 +195,10 @@ def run_smollm2(args: argparse.Namespace, option_sets: list[dict[str, Any]], dty
         for opts in option_sets:
             row = {"model": "SmolLM2-135M", "length": L, "options": opts, "label": options_label(opts)}
             try:
-                r = compiled_run(model, opts, lambda m, L=L: perplexity(m, ids, L), args.runs)
+                r = compiled_run(model, opts, measure, args.runs)
                 row.update(ppl=r["value"], rel_change_pct=100 * (r["value"] - eager_ppl) / eager_ppl,
                            first_call_s=r["first_call_s"], run_s=r["run_s"], sites=r["sites"])
-                if args.density:
+                if args.density and not args.pad:  # the replay knows causal masks only
                     row["density"] = selection_density(model, ids, L, opts)
             except Exception as e:  # noqa: BLE001 - a failing options set is a row; the sweep goes on
                 row.update(error=error_text(e))
@@ -254,6 +275,7 @@ def main() -> None:
     p.add_argument("--pieces", type=int, default=16, help="MiniLM: pieces of the text embedded")
     p.add_argument("--minilm-length", type=int, default=512, help="MiniLM: tokens per piece (512 is its maximum)")
     p.add_argument("--no-minilm", action="store_true")
+    p.add_argument("--pad", type=int, default=0, help="SmolLM2: a batch of two, the second left-padded by N tokens")
     p.add_argument("--density", action="store_true",
                    help="also replay each adaptive selection in an eager pass and report its mean block density")
     p.add_argument("--json", default="")

@@ -518,3 +518,25 @@ def test_sampled_estimator_end_to_end_and_its_option():
         asam_compile.AsamConfig.from_options({"estimator": "antidiagonal"})
     with pytest.raises(ValueError, match="estimator"):
         asam_compile.sparse(torch.nn.Linear(2, 2), estimator="bogus")
+
+
+def test_inside_a_mask_sinks_count_full_blocks_and_window_the_last_allowed_ones():
+    """Note [Adaptive over a structured mask]: with nothing to estimate (coverage 0: forced blocks only), a row
+    whose first allowed block is cut by left padding keeps it and the next (full) block as its sink, and its last
+    `window` allowed blocks; a causal block set forces what the causal selection forces."""
+    q = k = torch.zeros(1, 1, 8 * BS, 16)
+    st = SparseSettings(BS, 0.0, 1.0, 0, 2, 1)
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    partial = torch.eye(8, dtype=torch.bool)
+    allowed[:, :3] = False  # keys of blocks 0-2 are padding; block 3 is cut by it
+    partial[:, 3] = allowed[:, 3]
+    kept = adaptive._select(q, k, 1.0, False, st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for i in range(3, 8):
+        expected[i, 3:5] = True  # the cut block and the first full one
+        expected[i, max(3, i - 1):i + 1] = True  # the last two allowed blocks
+    expected &= allowed
+    assert torch.equal(kept, expected), (kept.int(), expected.int())
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    by_mask = adaptive._select(q, k, 1.0, False, st, blocks=(causal[None, None], torch.eye(8, dtype=torch.bool)[None, None]))
+    assert torch.equal(by_mask[0][0, 0], adaptive._select(q, k, 1.0, True, st)[0][0, 0])
