@@ -142,12 +142,15 @@ def _select(
     if blocks is not None:
         allowed, partial = blocks
         # the leading allowed blocks up to the `sinks`-th full one (a leading block that the mask cuts, as left
-        # padding does, holds few keys and does not count) and the last `window` allowed blocks of each row: for
-        # a causal mask the sinks and the blocks ending at the diagonal, as below
+        # padding does, holds few keys and does not count), the last `window` allowed blocks of each row and the
+        # `window` blocks around the query block's own position (a mask without causality, e.g. BERT's padding):
+        # for a causal mask the sinks and the blocks ending at the diagonal, as below
         full = (allowed & ~partial).to(torch.int32)
         first = torch.cumsum(allowed.to(torch.int32), -1)
         last = first[..., -1:] - first + 1
-        forced = allowed & ((torch.cumsum(full, -1) - full < settings.sinks) | (last <= settings.window))
+        centre = (q_first + q_last) // 2 * S // L // bs
+        local = ((kj - centre).abs() < settings.window) | (last <= settings.window)
+        forced = allowed & ((torch.cumsum(full, -1) - full < settings.sinks) | local)
     elif causal:
         allowed = kj * bs <= q_last
         partial = allowed & (torch.clamp((kj + 1) * bs, max=S) - 1 > q_first)
@@ -270,16 +273,17 @@ def _in_graph_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept
 # run-time attention_mask: Note [Runtime masks as in-graph block masks] in passes/match.py) can go adaptive
 # too: its block tables (graph constants, or built in the graph on every call) say which key blocks each
 # query block may see at all (`allowed`) and which the mask cuts through (`partial`). The selection then
-# runs inside them: it forces each row's leading allowed blocks up to its `sinks`-th full one and its last
-# `window` allowed blocks (for a causal mask the same blocks as the causal selection forces), estimates the
-# others, and Flex runs the kept blocks with the mask's own mask_mod (and score_mod) on the partial ones. Rows
+# runs inside them: it forces each row's leading allowed blocks up to its `sinks`-th full one, its last
+# `window` allowed blocks and the allowed ones within `window` of the query block's own position (for a
+# causal mask the same blocks as the causal selection forces), estimates the others, and Flex runs the kept blocks with the mask's own mask_mod (and score_mod) on the partial ones. Rows
 # the mask leaves empty stay empty and get the original's fix-up. Sinks count full blocks because left padding that ends inside a block leaves the
 # sequence's first tokens split over a cut block and the next one: measured on SmolLM2-135M (CPU, 2048 tokens,
 # a batch with one row left-padded by 500 tokens, coverage 0.995), forcing only the cut block raised the padded
 # row's perplexity from 18.56 to 19.52; with the next block forced too it stayed at 18.56, as with padding of
-# 512 that ends on a block boundary (benchmarks/RESULTS.md). A row keeps its last allowed block, which holds the
-# query's own position in every mask that lets a query see itself (causal, windows, documents, padding); a mask
-# that hides a query's own position from it could leave a row with no kept key (Flex then gives 0 there).
+# 512 that ends on a block boundary (benchmarks/RESULTS.md). A row keeps its own block (the one at its position)
+# and, for causal masks with a cache (more keys than queries), its last allowed block, which holds the query's
+# own key; a mask that hides from a query its own position could leave a row with no kept key (Flex then gives
+# 0 there).
 
 
 def _dense_blocks(num: torch.Tensor, idx: torch.Tensor, n_blocks: int) -> torch.Tensor:

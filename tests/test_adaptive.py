@@ -540,3 +540,15 @@ def test_inside_a_mask_sinks_count_full_blocks_and_window_the_last_allowed_ones(
     causal = torch.ones(8, 8, dtype=torch.bool).tril()
     by_mask = adaptive._select(q, k, 1.0, False, st, blocks=(causal[None, None], torch.eye(8, dtype=torch.bool)[None, None]))
     assert torch.equal(by_mask[0][0, 0], adaptive._select(q, k, 1.0, True, st)[0][0, 0])
+    # no causality (BERT-like right padding: keys of blocks 6-7 are padding, block 5 is cut): every row keeps its
+    # sink, its own block and neighbour, and the last allowed blocks
+    allowed = torch.zeros(8, 8, dtype=torch.bool)
+    allowed[:, :6] = True
+    partial = torch.zeros(8, 8, dtype=torch.bool)
+    partial[:, 5] = True
+    kept = adaptive._select(q, k, 1.0, False, st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:, 0] = expected[:, 4:6] = True  # the sink and the last two allowed blocks
+    for i in range(8):
+        expected[i, max(0, i - 1):i + 2] = True  # the query block's own position, window 2 either side (< 2)
+    assert torch.equal(kept, expected & allowed), (kept.int(), (expected & allowed).int())
