@@ -14,7 +14,8 @@ this checkout does not have yet) becomes a row with its error; the sweep goes on
 
 --pad N runs SmolLM2 on a batch of two instead: the first L tokens, and the same text left-padded by N tokens
 (attention_mask 0 there, no loss on them): the padding mask is read at run time, so the sites test the adaptive
-mode inside a run-time padding mask (Note [Adaptive over a structured mask]).
+mode inside a run-time padding mask (Note [Adaptive over a structured mask]). With --pad, MiniLM's every other
+piece is cut to a quarter, so those rows are right-padded (BERT's padding mask, no causality).
 
     python benchmarks/accuracy_adaptive.py --lengths 2048                     # the exact default only
     python benchmarks/accuracy_adaptive.py --lengths 2048 4096 8192 \\
@@ -215,6 +216,8 @@ def run_minilm(args: argparse.Namespace, option_sets: list[dict[str, Any]], dtyp
     bert, tokenizer = load_minilm(dtype=dtype, device=args.device)
     # This text runs at 4-5 characters per MiniLM token: 6 per token fills every piece, so nothing is padded.
     pieces = paragraphs(long_text(), args.pieces, min_chars=6 * args.minilm_length)
+    if args.pad:  # every other piece cut to a quarter: those rows are right-padded, the mask is read at run time
+        pieces = [p if i % 2 == 0 else p[: len(p) // 4] for i, p in enumerate(pieces)]
     filled = tokenizer(pieces, truncation=True, max_length=args.minilm_length).input_ids
     padded = sum(len(x) < args.minilm_length for x in filled)
     print(f"MiniLM: {len(pieces)} pieces of {args.minilm_length} tokens ({padded} padded)", flush=True)
