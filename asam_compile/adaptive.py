@@ -12,8 +12,9 @@ For each (batch, head, query block) of 128 queries:
      estimate is diffuse, and it runs exact.
 The kept blocks become a FlexAttention BlockMask (built with BlockMask.from_kv_blocks from full-width
 index tensors, inside the compiled graph) combined with the original mask (none, causal, or a structured
-mask's own block mask: Note [Adaptive over a structured mask]), and Flex runs only those blocks. Everything here is traced into the compiled graph, so the estimate counts in every
-timing. It is approximate: the result differs from exact attention by the mass of the blocks left out.
+mask's own block mask: Note [Adaptive over a structured mask]), and Flex runs only those blocks. Everything
+here is traced into the compiled graph, so the estimate counts in every timing. It is approximate: the result
+differs from exact attention by the mass of the blocks left out.
 """
 
 from __future__ import annotations
@@ -111,14 +112,16 @@ def _sampled_mass(
 
 
 def select_blocks(
-    q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, settings: SparseSettings
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool, settings: SparseSettings,
+    blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept, partial, allowed) bool tensors of shape (B, H, QB, KB). See Note [Adaptive sparse attention].
 
     `allowed`: blocks the original mask lets any query see; `partial`: allowed blocks the mask cuts through
     (need mask_mod); `kept`: the selection, a subset of `allowed` (all of it for a diffuse (batch, head)).
+    `blocks`: a structured mask's (allowed, partial), as for _select.
     """
-    kept, partial, allowed, dense = _select(q, k, scale, causal, settings)
+    kept, partial, allowed, dense = _select(q, k, scale, causal, settings, blocks)
     kept = torch.where(dense[..., None, None], allowed, kept)
     return kept, partial.expand_as(kept), allowed.expand_as(kept)
 
@@ -139,6 +142,8 @@ def _select(
     kj = torch.arange(KB, device=dev).view(1, KB)
     q_first = qi * bs
     q_last = torch.clamp((qi + 1) * bs, max=L) - 1
+    centre = (q_first + q_last) // 2 * S // L // bs  # the key block at the query block's position
+    near = (kj - centre).abs() < settings.window
     if blocks is not None:
         allowed, partial = blocks
         # the leading allowed blocks up to the `sinks`-th full one (a leading block that the mask cuts, as left
@@ -148,8 +153,7 @@ def _select(
         full = (allowed & ~partial).to(torch.int32)
         first = torch.cumsum(allowed.to(torch.int32), -1)
         last = first[..., -1:] - first + 1
-        centre = (q_first + q_last) // 2 * S // L // bs
-        local = ((kj - centre).abs() < settings.window) | (last <= settings.window)
+        local = near | (last <= settings.window)
         forced = allowed & ((torch.cumsum(full, -1) - full < settings.sinks) | local)
     elif causal:
         allowed = kj * bs <= q_last
@@ -159,8 +163,7 @@ def _select(
     else:
         allowed = torch.ones(QB, KB, dtype=torch.bool, device=dev)
         partial = torch.zeros(QB, KB, dtype=torch.bool, device=dev)
-        centre = (q_first + q_last) // 2 * S // L // bs  # the key block at the query block's position
-        local = (kj - centre).abs() < settings.window
+        local = near
     if blocks is None:
         forced = allowed & (local | (kj < settings.sinks))
 
@@ -319,9 +322,7 @@ def adaptive_masked_call(
     cut = _dense_blocks(kv_num_blocks, kv_indices, n_blocks)
     whole = _dense_blocks(full_kv_num_blocks, full_kv_indices, n_blocks)
     settings = SparseSettings(block_size, coverage, max_density, 0, window, sinks)
-    kept, partial, allowed, dense = _select(q, k, scale, False, settings, blocks=(cut | whole, cut))
-    kept = torch.where(dense[..., None, None], allowed, kept)
-    partial = partial.expand_as(kept)
+    kept, partial, _ = select_blocks(q, k, scale=scale, causal=False, settings=settings, blocks=(cut | whole, cut))
     if q.device.type == "cpu":
         q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
     block_mask = _in_graph_block_mask(q, k, v, kept, partial, block_size, runtime.MASK_MODS[mask_key])

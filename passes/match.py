@@ -822,8 +822,7 @@ def match_attention(
                                       mask_nodes, gm, example_inputs, config, qv, sv)
 
     if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
-        # a runtime mask may leave rows without keys on some call: they keep the run-time fix-up
-        mask_kind, fixup = "flex", (fixup if flex_plan.in_graph else None)
+        mask_kind, fixup = "flex", _flex_fixup(flex_plan, fixup)
 
     # shapes after our layout glue: batch dims must agree (SDPA does not broadcast them like matmul does)
     qs, ks, vs = (_shape_after(o) for o in (q, k, v))
@@ -858,6 +857,13 @@ def match_attention(
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
     )
+
+
+def _flex_fixup(plan: FlexPlan, fixup: str | None) -> str | None:
+    """The fully-masked-row fix-up a dense-mask site keeps when its mask becomes this Flex plan: a run-time
+    mask may leave rows without keys on some call, so they keep it; a compile-time one was checked to leave
+    none (Note [Fully masked rows])."""
+    return fixup if plan.in_graph else None
 
 
 def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: Any) -> tuple[Operand, Operand, bool]:
@@ -1307,7 +1313,7 @@ def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candi
         cand.info["adaptive"] = f"exact: {why}"
         return
     if to_flex:
-        m.mask_kind, m.fixup = "flex", (m.fixup if m.flex_plan.in_graph else None)
+        m.mask_kind, m.fixup = "flex", _flex_fixup(m.flex_plan, m.fixup)
         m.k, m.v, m.enable_gqa = _gqa_operands(m.k, m.v, "flex", m.rank, config)
         cand.info.update(mask=f"flex:{m.flex_plan.name}", enable_gqa=m.enable_gqa,
                          kernel=f"flex: adaptive, inside the mask's blocks (alone: {m.flex_plan.kernel}, {m.flex_plan.reason})")

@@ -308,7 +308,7 @@ class MaskedAttention(nn.Module):
 
 def adaptive_reference(model, q, k, v, keep, settings):
     """Float64 SDPA with the original mask restricted to the blocks the selection keeps inside it."""
-    from asam_compile.adaptive import _select
+    from asam_compile.adaptive import select_blocks
 
     bs, L, S = settings.block_size, q.shape[2], k.shape[2]
     QB, KB = -(-L // bs), -(-S // bs)
@@ -316,8 +316,8 @@ def adaptive_reference(model, q, k, v, keep, settings):
     counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(*mask.shape[:2], QB, bs, KB, bs).sum((3, 5))
     allowed, partial = counts > 0, (counts > 0) & (counts < bs * bs)
     kr, vr = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
-    kept, _, allowed, dense = _select(q, kr, q.shape[-1] ** -0.5, False, settings, blocks=(allowed, partial))
-    kept = torch.where(dense[..., None, None], allowed, kept)
+    kept, _, allowed = select_blocks(q, kr, scale=q.shape[-1] ** -0.5, causal=False, settings=settings,
+                                     blocks=(allowed, partial))
     full = mask & kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :L, :S]
     scores = (q.double() @ kr.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
     ref = torch.softmax(scores.masked_fill(~full, float("-inf")), -1) @ vr.double()
