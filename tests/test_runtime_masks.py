@@ -316,8 +316,9 @@ def adaptive_reference(model, q, k, v, keep, settings):
     counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(*mask.shape[:2], QB, bs, KB, bs).sum((3, 5))
     allowed, partial = counts > 0, (counts > 0) & (counts < bs * bs)
     kr, vr = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+    rows = mask.diagonal(dim1=-2, dim2=-1)  # Note [Valid rows of a masked block]
     kept, _, allowed = select_blocks(q, kr, scale=q.shape[-1] ** -0.5, causal=False, settings=settings,
-                                     blocks=(allowed, partial))
+                                     blocks=(allowed, partial), valid=(rows, rows) if L == S else None)
     full = mask & kept.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :L, :S]
     scores = (q.double() @ kr.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
     ref = torch.softmax(scores.masked_fill(~full, float("-inf")), -1) @ vr.double()
@@ -352,6 +353,48 @@ def test_adaptive_inside_a_structured_mask_equals_the_dense_reference(kind):
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isnan(), eager.isnan())
     torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-4)
     assert (out - eager).nan_to_num().abs().max() > 1e-2  # it really is sparse
+
+
+def test_adaptive_inside_padding_pools_only_the_valid_rows():
+    """Note [Valid rows of a masked block]: padding keys that pull the pooled estimate of the block they share with
+    the first real tokens (a forced block) would take a row's whole estimated mass; the compiled selection pools
+    the valid rows only, so it keeps the block the padded item's queries really attend to, and equals the float64
+    reference of that selection."""
+    from asam_compile.adaptive import SparseSettings, select_blocks
+    from test_adaptive import planted
+
+    q, k, v = (x[:, :, :1000].contiguous() for x in planted(B=2, H=4, L=1024))
+    keep = torch.ones(2, 1000, dtype=torch.bool)
+    keep[1, :300] = False
+    # the padding keys point where the padded item's queries do: block 2 (keys 256-383) looks all-important
+    # unless its 44 padding keys are left out of its mean
+    k[1, :, :300] += 3.0 * q[1, :, 300:].mean(1, keepdim=True)
+    model = MaskedAttention("padding")
+    st = SparseSettings(128, 0.9, 1.0, 0, 1, 1)
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.9, "max_density": 1.0, "window": 1, "sinks": 1,
+            "block_size": 128, "strict": True}
+    torch._dynamo.reset()
+    with torch.no_grad(), asam_compile.capture() as cap:
+        out = torch.compile(model, backend="asam", options=opts)(q, k, v, keep)
+    assert cap.report.candidates[0].target == "adaptive"
+    ref, _ = adaptive_reference(model, q, k, v, keep, st)
+    torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-4)
+
+    mask = model.dense_mask(keep, 1000, 1000)
+    counts = F.pad(mask.int(), (0, 24, 0, 24)).view(2, 1, 8, 128, 8, 128).sum((3, 5))
+    blocks = (counts > 0, (counts > 0) & (counts < 128 * 128))
+    rows = mask.diagonal(dim1=-2, dim2=-1)
+    by_valid = select_blocks(q, k, scale=32**-0.5, causal=False, settings=st, blocks=blocks, valid=(rows, rows))[0]
+    by_all = select_blocks(q, k, scale=32**-0.5, causal=False, settings=st, blocks=blocks)[0]
+    probs = torch.softmax((q[1] @ k[1].transpose(-2, -1) * 32**-0.5).masked_fill(~mask[1], float("-inf")), -1)
+    mass = F.pad(probs[:, 300:], (0, 24)).view(4, 700, 8, 128).sum(-1)  # true block mass of the real queries
+    qb = torch.arange(300, 1000) // 128
+
+    def kept_mass(kept):
+        return (mass * kept[1][:, qb].float()).sum(-1)
+
+    assert kept_mass(by_valid).min() > 0.85, kept_mass(by_valid).min()
+    assert kept_mass(by_all).min() < 0.75, kept_mass(by_all).min()  # pooling the padding rows: 0.67
 
 
 def test_hf_llama_left_padding_goes_adaptive_and_full_coverage_is_exact():
