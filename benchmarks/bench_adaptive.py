@@ -42,7 +42,7 @@ from common import bench, git_rev
 
 
 def make_inputs(args, L, device, dtype):
-    B = 2 if args.mask == "padding" else 1
+    B = 2 if getattr(args, "mask", "causal") == "padding" else 1
     if args.inputs == "random":
         g = torch.Generator(device=device).manual_seed(0)
         return tuple(torch.randn(B, args.heads, L, args.dim, generator=g, device=device, dtype=dtype) for _ in range(3))
@@ -186,8 +186,8 @@ def main() -> None:
                 st = SparseSettings(128, opts["coverage"], opts["max_density"], 0, opts["window"], opts["sinks"])
                 blocks = valid = None
                 if dense_mask is not None:  # as adaptive_masked_call selects
-                    blocks, rows = mask_blocks(dense_mask, 128), dense_mask.diagonal(dim1=-2, dim2=-1)
-                    valid = (rows, rows)
+                    blocks, diag = mask_blocks(dense_mask, 128), dense_mask.diagonal(dim1=-2, dim2=-1)
+                    valid = (diag, diag)
                 kept, _, allowed = select_blocks(q.detach(), k.detach(), scale=q.shape[-1] ** -0.5, causal=True,
                                                  settings=st, blocks=blocks, valid=valid)
                 density = block_density(kept, allowed)
