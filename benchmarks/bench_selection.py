@@ -3,10 +3,14 @@
 Each variant is compiled alone (no Flex) and timed on the same planted q, k: the selection of asam's adaptive
 mode (pooled estimate, coverage, max_density rule) followed by the four block-index tables that
 BlockMask.from_kv_blocks takes. Variants:
-  argsort     the tables from a stable argsort of each row (asam_compile before 2026-11-27)
-  scatter     the tables from running counts and a scatter (asam_compile.adaptive._indices now)
+  argsort     the tables from a stable argsort of each row (asam_compile before 2026-11-27), the blocks chosen
+              by sorting the estimates with their indices and scattering the taken ranks back
+  scatter     the tables from running counts and a scatter (asam_compile.adaptive._indices), blocks as argsort
   threshold   scatter, and the blocks chosen by bisecting a mass threshold (16 steps) instead of sorting the
-              estimates (not in asam_compile: a candidate; it can keep a few more blocks at the boundary)
+              estimates (not in asam_compile: it can keep a few more blocks at the boundary)
+  values      scatter, and the blocks chosen from a sort of the estimates' values alone: the smallest value
+              the coverage rule takes becomes a threshold (asam_compile.adaptive._take since session 6; blocks
+              tied with the threshold are all kept)
 Printed beside them: SDPA flash, Flex alone on the selected blocks, and the whole compiled module
 (backend="asam", adaptive) as the default in-graph path runs it.
 
@@ -42,6 +46,17 @@ def threshold_take(rest, need, steps=16):
     return (rest >= lo) & (rest > 0) & (need > 0)
 
 
+def index_take(rest, need):
+    """adaptive._take before session 6: the taken ranks scattered back through the sort's indices."""
+    ranked, order = torch.sort(rest, dim=-1, descending=True)
+    before = torch.cumsum(ranked, dim=-1) - ranked
+    take = (before < need) & (ranked > 0)
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
+TAKES = {"argsort": index_take, "scatter": index_take, "threshold": threshold_take}  # values: the package's
+
+
 def make_selection(variant, settings, scale):
     from asam_compile import adaptive
 
@@ -60,7 +75,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--coverage", type=float, default=0.995)
-    p.add_argument("--variants", nargs="+", default=["argsort", "scatter", "threshold"])
+    p.add_argument("--variants", nargs="+", default=["argsort", "scatter", "values"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=5)
@@ -88,7 +103,7 @@ def main() -> None:
         for variant in args.variants:
             fn = torch.compile(make_selection(variant, st, scale))
             saved = adaptive._take  # the threshold variant swaps the ranking step while it is traced and timed
-            adaptive._take = threshold_take if variant == "threshold" else saved
+            adaptive._take = TAKES.get(variant, saved)
             try:
                 with torch.no_grad():
                     tables[variant] = fn(q, k)
