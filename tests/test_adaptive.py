@@ -552,3 +552,17 @@ def test_inside_a_mask_sinks_count_full_blocks_and_window_the_last_allowed_ones(
     for i in range(8):
         expected[i, max(0, i - 1):i + 2] = True  # the query block's own position, window 2 either side (< 2)
     assert torch.equal(kept, expected & allowed), (kept.int(), (expected & allowed).int())
+
+
+def test_take_keeps_the_largest_estimates_up_to_the_need_and_their_ties():
+    """Note [Selection cost]: _take ranks values only; the smallest value the coverage rule takes is a threshold,
+    so blocks tied with it are all kept, and a block estimated at zero never is."""
+    rest = torch.tensor([[0.5, 0.1, 0.3, 0.1, 0.0]])
+
+    def take(need):
+        return adaptive._take(rest, torch.tensor([[need]])).nonzero()[:, 1].tolist()
+
+    assert take(0.7) == [0, 2]  # 0.5, then 0.3 (0.5 < 0.7 before it); 0.1 follows 0.8 >= 0.7
+    assert take(0.85) == [0, 1, 2, 3]  # one 0.1 is needed: its tie comes with it
+    assert take(0.0) == [] and take(-1.0) == []
+    assert take(5.0) == [0, 1, 2, 3]
