@@ -203,17 +203,17 @@ def _select(
 
 
 # Note [Selection cost]
-# The selection runs on every call, inside the compiled graph, so its kernels count against the blocks it
-# skips. Measured on an H100 (benchmarks/RESULTS.md, H=16, D=128, planted inputs, 64k tokens, coverage 0.99):
-# the whole module took 4.36 ms when the index tables came from stable argsorts of each row (0.73 ms in the
-# fused kernel holding them) and 3.76 ms with the tables built from running counts and a scatter (_indices
-# below), against 3.01 ms for Flex alone on the same blocks and 27.9 ms for SDPA flash. Inference graphs skip
-# Flex's q-side tables (two transposed sorts that only its backward reads). _take sorts the estimates' values
-# only and thresholds at the smallest one the coverage rule takes, instead of scattering the taken ranks back
-# through the sort's indices: at 64k (coverage 0.995) the selection went from 0.68 to 0.55 ms and the whole
-# module from 4.82 to 4.62 ms (193,149 blocks kept instead of 193,146: ties at the threshold). Tried and not kept: a bisection
-# for the coverage threshold instead of sorting the estimates (2.3x slower at 16k), Flex kernel options
-# (ROWS_GUARANTEED_SAFE, PRESCALE_QK, USE_TMA, other tiles: -1 % to +9 %).
+# The selection runs on every call, inside the compiled graph, so its kernels count against the blocks it skips.
+# Measured on an H100 (benchmarks/RESULTS.md, H=16, D=128, planted inputs, 64k tokens, coverage 0.99): the whole
+# module took 4.36 ms when the index tables came from stable argsorts of each row (0.73 ms in the fused kernel
+# holding them) and 3.76 ms with the tables built from running counts and a scatter (_indices below), against 3.01
+# ms for Flex alone on the same blocks and 27.9 ms for SDPA flash. Inference graphs skip Flex's q-side tables (two
+# transposed sorts that only its backward reads). _take sorts the estimates' values only and thresholds at the
+# smallest one the coverage rule takes, instead of scattering the taken ranks back through the sort's indices: at
+# 64k (coverage 0.995) the selection went from 0.68 to 0.55 ms and the whole module from 4.82 to 4.62 ms (193,149
+# blocks kept instead of 193,146: ties at the threshold). Tried and not kept: a bisection for the coverage
+# threshold instead of sorting the estimates (2.3x slower at 16k), Flex kernel options (ROWS_GUARANTEED_SAFE,
+# PRESCALE_QK, USE_TMA, other tiles: -1 % to +9 %).
 
 
 def _take(rest: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -292,21 +292,21 @@ def _in_graph_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept
 
 
 # Note [Adaptive over a structured mask]
-# A site whose mask became a Flex block mask (a sliding window, packed documents, padding read from the
-# run-time attention_mask: Note [Runtime masks as in-graph block masks] in passes/match.py) can go adaptive
-# too: its block tables (graph constants, or built in the graph on every call) say which key blocks each
-# query block may see at all (`allowed`) and which the mask cuts through (`partial`). The selection then
-# runs inside them: it forces each row's leading allowed blocks up to its `sinks`-th full one, its last
-# `window` allowed blocks and the allowed ones within `window` of the query block's own position (for a
-# causal mask the same blocks as the causal selection forces), estimates the others, and Flex runs the kept blocks with the mask's own mask_mod (and score_mod) on the partial ones. Rows
-# the mask leaves empty stay empty and get the original's fix-up. Sinks count full blocks because left padding that ends inside a block leaves the
-# sequence's first tokens split over a cut block and the next one: measured on SmolLM2-135M (CPU, 2048 tokens,
-# a batch with one row left-padded by 500 tokens, coverage 0.995), forcing only the cut block raised the padded
-# row's perplexity from 18.56 to 19.52; with the next block forced too it stayed at 18.56, as with padding of
-# 512 that ends on a block boundary (benchmarks/RESULTS.md). A row keeps its own block (the one at its position)
-# and, for causal masks with a cache (more keys than queries), its last allowed block, which holds the query's
-# own key; a mask that hides from a query its own position could leave a row with no kept key (Flex then gives
-# 0 there).
+# A site whose mask became a Flex block mask (a sliding window, packed documents, padding read from the run-time
+# attention_mask: Note [Runtime masks as in-graph block masks] in passes/match.py) can go adaptive too: its block
+# tables (graph constants, or built in the graph on every call) say which key blocks each query block may see at
+# all (`allowed`) and which the mask cuts through (`partial`). The selection then runs inside them: it forces each
+# row's leading allowed blocks up to its `sinks`-th full one, its last `window` allowed blocks and the allowed ones
+# within `window` of the query block's own position (for a causal mask the same blocks as the causal selection
+# forces), estimates the others, and Flex runs the kept blocks with the mask's own mask_mod (and score_mod) on the
+# partial ones. Rows the mask leaves empty stay empty and get the original's fix-up. Sinks count full blocks
+# because left padding that ends inside a block leaves the sequence's first tokens split over a cut block and the
+# next one: measured on SmolLM2-135M (CPU, 2048 tokens, a batch with one row left-padded by 500 tokens, coverage
+# 0.995), forcing only the cut block raised the padded row's perplexity from 18.56 to 19.52; with the next block
+# forced too it stayed at 18.56, as with padding of 512 that ends on a block boundary (benchmarks/RESULTS.md). A
+# row keeps its own block (the one at its position) and, for causal masks with a cache (more keys than queries),
+# its last allowed block, which holds the query's own key; a mask that hides from a query its own position could
+# leave a row with no kept key (Flex then gives 0 there).
 
 
 # Note [Valid rows of a masked block]

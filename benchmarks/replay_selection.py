@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from bench_adaptive import mask_blocks
 from real_models import load_smollm2, long_text
 
 
@@ -46,14 +47,6 @@ def extra_blocks(k: int) -> Iterator[None]:
         yield
     finally:
         adaptive._take = real
-
-
-def block_counts(mask: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(allowed, partial) (1, 1, QB, KB) block sets of a bool (L, S) mask."""
-    L, S = mask.shape
-    QB, KB = -(-L // bs), -(-S // bs)
-    counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(1, 1, QB, bs, KB, bs).sum((3, 5))
-    return counts > 0, (counts > 0) & (counts < bs * bs)
 
 
 def main() -> None:
@@ -87,7 +80,7 @@ def main() -> None:
     row = ids.shape[0] - 1  # the padded row, or the only one
     i = torch.arange(L)
     mask = (i[None, :] <= i[:, None]) & keep[row][None, :]
-    blocks = block_counts(mask, bs) if args.pad else None
+    blocks = mask_blocks(mask[None, None], bs) if args.pad else None
     valid_modes = {"on": [True], "off": [False], "both": [True, False]}[args.valid_rows] if args.pad else [False]
     settings = [(c, x, v) for c in args.coverages for x in args.extra for v in valid_modes]
     stats: dict[str, list[dict[str, Any]]] = {}

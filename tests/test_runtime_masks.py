@@ -306,15 +306,21 @@ class MaskedAttention(nn.Module):
         return mask & keep[:, None, None, :] if self.kind == "padding" else mask & (i - j < self.window)
 
 
+def mask_blocks(mask, bs):
+    """(allowed, partial) block sets of a bool (B, H, L, S) mask: blocks it keeps any of, and those it cuts."""
+    L, S = mask.shape[-2:]
+    QB, KB = -(-L // bs), -(-S // bs)
+    counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(*mask.shape[:2], QB, bs, KB, bs).sum((3, 5))
+    return counts > 0, (counts > 0) & (counts < bs * bs)
+
+
 def adaptive_reference(model, q, k, v, keep, settings):
     """Float64 SDPA with the original mask restricted to the blocks the selection keeps inside it."""
     from asam_compile.adaptive import select_blocks
 
     bs, L, S = settings.block_size, q.shape[2], k.shape[2]
-    QB, KB = -(-L // bs), -(-S // bs)
     mask = model.dense_mask(keep, L, S)
-    counts = F.pad(mask.int(), (0, KB * bs - S, 0, QB * bs - L)).view(*mask.shape[:2], QB, bs, KB, bs).sum((3, 5))
-    allowed, partial = counts > 0, (counts > 0) & (counts < bs * bs)
+    allowed, partial = mask_blocks(mask, bs)
     kr, vr = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
     rows = mask.diagonal(dim1=-2, dim2=-1)  # Note [Valid rows of a masked block]
     kept, _, allowed = select_blocks(q, kr, scale=q.shape[-1] ** -0.5, causal=False, settings=settings,
@@ -381,8 +387,7 @@ def test_adaptive_inside_padding_pools_only_the_valid_rows():
     torch.testing.assert_close(out.double().nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-4)
 
     mask = model.dense_mask(keep, 1000, 1000)
-    counts = F.pad(mask.int(), (0, 24, 0, 24)).view(2, 1, 8, 128, 8, 128).sum((3, 5))
-    blocks = (counts > 0, (counts > 0) & (counts < 128 * 128))
+    blocks = mask_blocks(mask, 128)
     rows = mask.diagonal(dim1=-2, dim2=-1)
     by_valid = select_blocks(q, k, scale=32**-0.5, causal=False, settings=st, blocks=blocks, valid=(rows, rows))[0]
     by_all = select_blocks(q, k, scale=32**-0.5, causal=False, settings=st, blocks=blocks)[0]
