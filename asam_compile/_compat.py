@@ -142,6 +142,11 @@ def sym_shape_env(x: Any) -> Any:
     return x.node.shape_env
 
 
+def is_buffer(node: fx.Node) -> bool:
+    """Whether a placeholder is a module buffer (not a parameter) that Dynamo lifted into a graph input."""
+    return "._buffers[" in (placeholder_source(node) or "")
+
+
 def is_param_or_buffer(node: fx.Node) -> bool:
     """Whether a placeholder is a module parameter or buffer that Dynamo lifted into a graph input."""
     name = placeholder_source(node) or ""

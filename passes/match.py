@@ -539,6 +539,9 @@ def _repeat_source(node: fx.Node) -> tuple[fx.Node, int] | None:
 # default) we read the buffer once at compile time and, if the sliced mask is exactly causal, emit
 # is_causal=True: a later in-place edit of that buffer would then not be seen. That is the trade every
 # user of such a model wants (flash attention instead of a materialised mask), and it can be turned off.
+# Parameters are never read so, nor any tensor that requires grad: Swin and BEiT initialise their learned
+# relative-position biases to zero, which read at compile time is "no mask" and would never train (and an
+# optimizer step or load_state_dict changes a parameter without a recompile).
 
 # Note [Fully masked rows]
 # A query row whose keys are all masked gives: NaN in eager with a -inf fill or an all -inf additive
@@ -561,7 +564,9 @@ def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
         if n.op == "placeholder":
             val = _val(n)
             if isinstance(val, torch.Tensor):
-                if config.trust_buffers and _compat.is_param_or_buffer(n):
+                # Note [Buffers as constants]: buffers only; a parameter or anything that requires grad is a
+                # run-time tensor, whatever its value at compile time (a zero-initialised learned bias).
+                if config.trust_buffers and _compat.is_buffer(n) and not val.requires_grad:
                     continue
                 # a user tensor is fine only if nothing but its size is read
                 if all(u.op == "call_method" and u.target in ("size", "dim") or _call(u, getattr) and u.args[1] in ("shape", "device", "dtype") for u in n.users):

@@ -73,7 +73,8 @@ def _emit_operand(emit: _Emitter, op: Operand, rank: int, dtype: torch.dtype) ->
 
 
 def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.Node | None]:
-    """(attn_mask, fully_masked_rows) for a dense mask; rows is a bool (..., L, 1) node or None."""
+    """(attn_mask, fully_masked_rows) for a dense mask; rows is a bool (..., L, 1) node or None. An additive
+    mask's fully masked rows are its all -inf ones (the original gives NaN there)."""
     additive = None
     for t in m.terms:
         node = t.node
@@ -100,6 +101,48 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     if m.fixup is not None:
         rows = emit("all", emit(torch.logical_not, keep), -1, keepdim=True)
     return keep, rows
+
+
+# Note [Gradients of fully masked rows]
+# An additive mask of finfo.min (HF's `where(keep, 0, finfo.min)`) on every key of a row (left padding) makes the
+# original's scores of that row exactly finfo.min: q.k is lost to rounding, the softmax is uniform and the
+# output is the mean of V; SDPA and Flex give the same forward. Their backward does not: it recomputes the
+# probabilities as exp(score - lse) with lse = finfo.min + log(S) rounded back to finfo.min, i.e. 1 instead of
+# 1/S (dq off by several times on the CPU, torch 2.13), or gives 0 where a block mask left the row no key. The
+# original's backward is the softmax's at uniform probabilities, passed to q.k through the addition:
+#     ds_j = (dp_j - mean(dp)) / S,  dp_j = dout . v_j,  dq = scale * sum_j ds_j k_j,  dk_j += scale * ds_j q.
+# Those rows are therefore replaced by mean(V) plus terms that are 0 in value and carry exactly that gradient:
+# with dq = q - q.detach() and dk = k - k.detach() (zero-valued),
+#     scale/S * (dq @ (Kd^T Vd) + qd @ (dk^T Vd)) - scale * (dq . mean(Kd) + qd . mean(dk)) * mean(Vd)
+# (plus the same for the mask where it requires grad): O(S E^2) per head, no L x S scores. A masked_fill or
+# where() fill cuts the gradient of filled positions in the original, so rows removed by fills keep the plain
+# mean(V) (Note [Fully masked rows] in passes/match.py).
+ABSORBED = -1e30  # additive values this low absorb any score in float32 and bfloat16 (finfo.min is -3.4e38)
+
+
+def _emit_uniform_rows(
+    emit: _Emitter, q: fx.Node, k: fx.Node, v: fx.Node, scale: float, enable_gqa: bool, additive: fx.Node | None
+) -> fx.Node:
+    """mean(V) over the keys, with the gradient of a softmax at uniform probabilities (Note [Gradients of fully
+    masked rows]); q, k, v 4-D in the compute dtype. `additive`: a dense additive mask that requires grad."""
+    if enable_gqa:
+        rep = _compat.example_value(q).shape[1] // _compat.example_value(k).shape[1]
+        k, v = (emit("repeat_interleave", x, rep, 1) for x in (k, v))
+    qd, kd, vd = (emit("detach", x) for x in (q, k, v))
+    dq, dk = emit(torch.sub, q, qd), emit(torch.sub, k, kd)
+    vbar, vdbar = emit("mean", v, -2, keepdim=True), emit("mean", vd, -2, keepdim=True)
+    S = emit("size", k, 2) if isinstance(_compat.example_value(k).shape[2], torch.SymInt) else _compat.example_value(k).shape[2]
+    kv = emit(torch.matmul, emit(torch.transpose, kd, -2, -1), vd)
+    dkv = emit(torch.matmul, emit(torch.transpose, dk, -2, -1), vd)
+    spread = emit(torch.add, emit(torch.matmul, dq, kv), emit(torch.matmul, qd, dkv))
+    shift = emit(torch.add, emit(torch.mul, dq, emit("mean", kd, -2, keepdim=True)), emit(torch.mul, qd, emit("mean", dk, -2, keepdim=True)))
+    shift = emit("sum", shift, -1, keepdim=True)
+    lin = emit(torch.sub, emit(torch.mul, emit(torch.div, spread, S), scale), emit(torch.mul, emit(torch.mul, shift, scale), vdbar))
+    if additive is not None:
+        dm = emit(torch.sub, additive, emit("detach", additive))
+        lin = emit(torch.add, lin, emit(torch.div, emit(torch.matmul, dm, vd), S))
+        lin = emit(torch.sub, lin, emit(torch.mul, emit("mean", dm, -1, keepdim=True), vdbar))
+    return emit(torch.add, vbar, lin)
 
 
 def _emit_sizes(emit: _Emitter, q: fx.Node, k: fx.Node) -> dict[str, Any]:
@@ -216,6 +259,16 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         out = _emit_flex(gm, emit, m, q, k, v, tables)
     else:
         out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
+    if _needs_uniform_grad(m):
+        # Note [Gradients of fully masked rows]: the rows an additive mask removes entirely
+        if tables is not None:
+            urows = tables[4]
+        else:
+            amax, amin = emit("amax", attn_mask, -1, keepdim=True), emit("amin", attn_mask, -1, keepdim=True)
+            urows = emit(torch.logical_and, emit(torch.le, amax, ABSORBED), emit(torch.eq, amax, amin))
+            urows = emit(torch.logical_and, urows, emit(torch.isfinite, amax))
+        grad_mask = attn_mask if tables is None and _compat.example_value(attn_mask).requires_grad else None
+        out = emit(torch.where, urows, _emit_uniform_rows(emit, q, k, v, m.scale, m.enable_gqa, grad_mask), out)
     nan_rows = None
     if tables is not None and m.fixup is not None:
         # rows of a runtime mask with no key left: the original's result, as on the dense path
@@ -239,6 +292,14 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
     if _compat.example_value(out).dtype != m.out_dtype:
         out = emit("to", out, m.out_dtype)
     return out
+
+
+def _needs_uniform_grad(m: AttentionMatch) -> bool:
+    """Whether rows of an additive-only mask may be removed entirely in a graph that computes gradients
+    (Note [Gradients of fully masked rows])."""
+    grad = bool(_compat.example_value(m.out).requires_grad)
+    return grad and m.fixup is not None and bool(m.terms) and not m.fills and m.adaptive is None and (
+        m.mask_kind == "dense" or (m.mask_kind == "flex" and m.flex_plan.in_graph))
 
 
 def _is_pure(node: fx.Node) -> bool:
