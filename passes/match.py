@@ -884,16 +884,29 @@ def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: Any
 # The original reads q, k and the mask where it computes the scores, and v at the value matmul; the one SDPA
 # call that replaces it reads all of them at the value matmul. An op that changes one of them in place in
 # between (`k.mul_(2)`, `k[:, :, 0] = 0`, `mask.zero_()` after the scores are made) would reach SDPA but not
-# the original. Which tensors a mutation touches (views alias their base) is not tracked: any op that may
-# change a tensor in place, placed after the first read of an SDPA input on the way to the value matmul and
-# before the value matmul, refuses the site. Attention code has no such ops in that window (KV cache writes
-# come before the scores), so nothing real is lost. Found by tests/test_properties.py.
+# the original. So an op that may change a tensor in place, placed after the first read of an SDPA input on
+# the way to the value matmul and before the value matmul, refuses the site when the tensor it writes may
+# alias one the site reads. Aliasing is tracked through the ops that may return a view of their input
+# (views, reshapes, slicing, casts that may return self, in-place ops, which return their input): two
+# tensors may alias when they reach the same base through such ops. Every other op makes a new tensor, so a
+# write to an unrelated tensor (a MoE router's `probs /= probs.sum()` between a layer's shared mask and its
+# attention) no longer refuses the site. Found by tests/test_properties.py; the aliasing by issue 14.
 
 _INPLACE_OPERATORS = {
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
     operator.imatmul,
 }
+
+# Ops whose result may share storage with their first argument.
+_VIEW_NAMES = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as", "unsqueeze",
+    "squeeze", "contiguous", "narrow", "select", "unflatten", "flatten", "split", "split_with_sizes", "chunk",
+    "unbind", "t", "detach", "as_strided", "to", "type", "type_as", "float", "half", "bfloat16", "double",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "real", "imag", "getitem", "broadcast_to",
+    "tensor_split", "hsplit", "vsplit", "dsplit", "view_as_real", "view_as_complex", "alias", "squeeze_", "unsqueeze_",
+    "T", "mT", "H", "mH", "data", "align_as", "rename", "numpy_T",
+})
 
 
 def _may_mutate(node: fx.Node) -> bool:
@@ -913,14 +926,50 @@ def _may_mutate(node: fx.Node) -> bool:
     return node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None
 
 
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The tensors a mutating node may write: its first argument, or `out=`."""
+    out = node.kwargs.get("out")
+    found = [out] if isinstance(out, fx.Node) else [a for a in out if isinstance(a, fx.Node)] if isinstance(out, (tuple, list)) else []
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    if isinstance(first, fx.Node):
+        found.append(first)
+    return found
+
+
+def _alias_roots(node: fx.Node, memo: dict[fx.Node, frozenset[fx.Node]]) -> frozenset[fx.Node]:
+    """The base tensors `node` may be a view of (itself when it is a new tensor)."""
+    if node in memo:
+        return memo[node]
+    chain = []
+    cur = node
+    while True:
+        if cur in memo:
+            roots = memo[cur]
+            break
+        name = cur.target if cur.op == "call_method" else getattr(cur.target, "__name__", "") if cur.op == "call_function" else ""
+        if cur.op == "call_function" and cur.target is getattr and len(cur.args) == 2:
+            name = cur.args[1]
+        base = cur.args[0] if cur.args else None
+        if isinstance(base, fx.Node) and (name in _VIEW_NAMES or _may_mutate(cur)):
+            chain.append(cur)
+            cur = base
+            continue
+        roots = frozenset({cur})
+        break
+    for n in chain:
+        memo[n] = roots
+    memo[node] = roots
+    return roots
+
+
 def _mutated_inside(sources: list[Any], out: fx.Node, gm: fx.GraphModule, cache: dict[Any, Any] | None) -> fx.Node | None:
-    """The first node that may change a tensor in place after the pattern first reads one of `sources` on the
-    way to `out`, and before `out`; None if there is none."""
-    order = cache.get(("order", id(gm))) if cache is not None else None
+    """The first node that may change a tensor aliasing one of `sources` after the pattern first reads one of
+    them on the way to `out`, and before `out`; None if there is none."""
+    cache = {} if cache is None else cache
+    order = cache.get(("order", id(gm)))
     if order is None:
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        if cache is not None:
-            cache[("order", id(gm))] = order
+        order = cache[("order", id(gm))] = {n: i for i, n in enumerate(gm.graph.nodes)}
+    memo = cache.setdefault(("alias", id(gm)), {})
     srcs = {s for s in sources if isinstance(s, fx.Node)}
     if not srcs:
         return None
@@ -936,10 +985,11 @@ def _mutated_inside(sources: list[Any], out: fx.Node, gm: fx.GraphModule, cache:
     reads = [order[u] for s in srcs for u in s.users if u in seen]
     if not reads:
         return None
+    read_roots = frozenset().union(*(_alias_roots(s, memo) for s in srcs))
     start, end = min(reads), order[out]
     nodes = list(gm.graph.nodes)
     for n in nodes[start:end]:
-        if _may_mutate(n):
+        if _may_mutate(n) and any(_alias_roots(w, memo) & read_roots for w in _written(n)):
             return n
     return None
 

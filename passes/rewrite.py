@@ -302,6 +302,16 @@ def _needs_uniform_grad(m: AttentionMatch) -> bool:
         m.mask_kind == "dense" or (m.mask_kind == "flex" and m.flex_plan.in_graph))
 
 
+def _remap(m: AttentionMatch, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Point the operands of a match that the rewrite of an earlier site replaced at their new nodes."""
+    for op in (m.q, m.k, m.v, m.v_full):
+        op.node = replaced.get(op.node, op.node)
+    for t in m.terms:
+        t.node = replaced.get(t.node, t.node)
+    for fl in m.fills:
+        fl.mask = replaced.get(fl.mask, fl.mask)
+
+
 def _is_pure(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method") or node.is_impure():
         return False
@@ -326,9 +336,13 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
 def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: GraphReport) -> int:
     """Rewrite every match. Returns the number of SDPA calls emitted."""
     builds: dict[str, list[fx.Node]] = {}
+    replaced: dict[fx.Node, fx.Node] = {}
     for m in matches:
+        if replaced:
+            _remap(m, replaced)  # one site's output is another's operand (attention chained without projection)
         new = emit_sdpa(gm, m, builds)
         m.out.replace_all_uses_with(new)
+        replaced[m.out] = new
         _erase_dead(gm, m.region)
     if matches:
         log.debug("rewrite: %d attention sites -> sdpa", len(matches))
