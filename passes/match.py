@@ -1306,13 +1306,50 @@ def _runtime_fixup(scores: _Scores) -> str | None:
     return "nan_if_all_neginf"  # an additive mask that may hold -inf rows at run time
 
 
-def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: GraphReport) -> list[AttentionMatch]:
-    """Match every softmax; record a Candidate for each; return the matches."""
-    matches = []
+# Note [nn.MultiheadAttention]
+# Dynamo keeps nn.MultiheadAttention as one F.multi_head_attention_forward call. With need_weights=False that
+# function runs SDPA itself; with need_weights=True (its default) it computes the weights by hand (bmm,
+# softmax, dropout, bmm) to return them averaged over heads. Where the caller drops them (SigLIP's pooling
+# head: `self.attention(probe, x, x)[0]`), the call is the same computation as with need_weights=False, so
+# the rewrite turns that flag off and MHA's own SDPA path runs. Where the weights are used, it stays.
+
+
+@dataclasses.dataclass
+class WeightsDrop:
+    """An F.multi_head_attention_forward call whose attention weights nobody reads (Note [nn.MultiheadAttention])."""
+
+    node: fx.Node
+
+
+def match_mha(node: fx.Node) -> WeightsDrop:
+    """Note [nn.MultiheadAttention]. Raises Rejection."""
+    need = node.kwargs.get("need_weights", node.args[15] if len(node.args) > 15 else True)  # its 16th parameter
+    if need is False:
+        raise Rejection(Reject.ALREADY_SDPA, "need_weights=False")
+    if need is not True:
+        raise Rejection(Reject.PROBS_ESCAPE, f"need_weights={need!r} is not a constant")
+    if any(not (_call(u, operator.getitem) and u.args[1] == 0) for u in node.users):
+        raise Rejection(Reject.PROBS_ESCAPE, f"{node.name} returns its attention weights (need_weights=True) to the caller")
+    return WeightsDrop(node)
+
+
+def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: GraphReport) -> list[AttentionMatch | WeightsDrop]:
+    """Match every softmax (and nn.MultiheadAttention call); record a Candidate for each; return the matches."""
+    matches: list[AttentionMatch | WeightsDrop] = []
     mask_cache: dict[Any, Any] = {}  # layers share one mask node: evaluate it once per graph
     root = _compat.compiled_frame_module()  # for asam_compile.sparse marks on the compiled module itself
     root_type = type(root) if root is not None else None
     for node in gm.graph.nodes:
+        if _call(node, F.multi_head_attention_forward):
+            cand = Candidate(site=node.name, module=module_path(node), source=source_line(node), status="refused")
+            try:
+                matches.append(match_mha(node))
+                cand.status, cand.target = "matched", "sdpa"
+                cand.info = {"mha": "need_weights=True with the weights unused: run with need_weights=False (SDPA)"}
+            except Rejection as r:
+                cand.reject, cand.detail = r.reject, r.detail
+            report.candidates.append(cand)
+            continue
         implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
         if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
             continue

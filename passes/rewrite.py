@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from asam_compile import _compat, adaptive, runtime
-from asam_compile.passes.match import AttentionMatch, Operand
+from asam_compile.passes.match import AttentionMatch, Operand, WeightsDrop
 from asam_compile.report import GraphReport
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,11 @@ def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: 
     builds: dict[str, list[fx.Node]] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     for m in matches:
+        if isinstance(m, WeightsDrop):  # Note [nn.MultiheadAttention] in passes/match.py
+            m.node.kwargs = {**m.node.kwargs, "need_weights": False}
+            val = _compat.example_value(m.node)
+            m.node.meta["example_value"] = (val[0], None)
+            continue
         if replaced:
             _remap(m, replaced)  # one site's output is another's operand (attention chained without projection)
         new = emit_sdpa(gm, m, builds)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from asam_compile import Reject
-from helpers import assert_no_worse, compile_capture, input_grads, max_abs_err, to_double
+from helpers import assert_no_worse, compile_capture, double_copy, input_grads, max_abs_err, to_double
 
 
 def _check(fn, inputs, expect_rewritten=1, grad_args=(), **options):
@@ -21,11 +21,12 @@ def _check(fn, inputs, expect_rewritten=1, grad_args=(), **options):
     out, cap = compile_capture(fn, inputs, **options)
     rewritten = [c for c in cap.report.candidates if c.status == "rewritten"]
     assert len(rewritten) == expect_rewritten, cap.report
-    ref = fn(*to_double(inputs))
+    fn64 = double_copy(fn) if isinstance(fn, nn.Module) else fn
+    ref = fn64(*to_double(inputs))
     assert_no_worse(max_abs_err(out, ref), max_abs_err(fn(*inputs), ref), "output")
     if grad_args:
         compiled = torch.compile(fn, backend="asam", options=options)
-        g_ref, w = input_grads(fn, to_double(inputs), grad_args)
+        g_ref, w = input_grads(fn64, to_double(inputs), grad_args)
         g_eager, _ = input_grads(fn, inputs, grad_args, w)
         g_new, _ = input_grads(compiled, inputs, grad_args, w)
         for a, r, e in zip(g_new, g_ref, g_eager):
@@ -65,3 +66,44 @@ def test_an_in_place_write_to_a_view_of_the_key_between_scores_and_values_refuse
     _, cap = compile_capture(attn, _qkv(), inductor=False, strict=True)
     (cand,) = cap.report.candidates
     assert cand.status == "refused" and cand.reject is Reject.CHANGED_IN_PLACE, cand
+
+
+# ------------------------------------------------------------------------------- nn.MultiheadAttention
+
+
+class _Pool(nn.Module):
+    """SigLIP's pooling head: a learned probe attends over the tokens; the weights are dropped."""
+
+    def __init__(self, keep_weights: bool = False, need_weights: bool = True):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, 32))
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.keep_weights, self.need_weights = keep_weights, need_weights
+
+    def forward(self, x):
+        out, weights = self.attention(self.probe.expand(x.shape[0], -1, -1), x, x, need_weights=self.need_weights)
+        return (out, weights) if self.keep_weights else out
+
+
+def test_multihead_attention_whose_weights_are_dropped_runs_sdpa():
+    model = _Pool().eval()
+    x = torch.randn(2, 10, 32)
+    cap = _check(model, (x,), grad_args=(0,))
+    (cand,) = cap.report.candidates
+    assert cand.target == "sdpa" and cand.module.endswith("attention"), cand
+    (gm,) = cap.graphs
+    (call,) = [n for n in gm.graph.nodes if n.target is F.multi_head_attention_forward]
+    assert call.kwargs["need_weights"] is False
+
+
+def test_multihead_attention_whose_weights_are_returned_is_listed_and_refused():
+    x = torch.randn(2, 10, 32)
+    _, cap = compile_capture(_Pool(keep_weights=True).eval(), (x,), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused" and cand.reject is Reject.PROBS_ESCAPE and "need_weights" in cand.detail
+
+
+def test_multihead_attention_that_already_runs_sdpa_is_listed():
+    _, cap = compile_capture(_Pool(need_weights=False).eval(), (torch.randn(2, 10, 32),), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.reject is Reject.ALREADY_SDPA
