@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from asam_compile import _compat
 from asam_compile.report import Candidate, GraphReport, Reject
-from asam_compile.passes.normalize import _is_tensor
+from asam_compile.passes.normalize import VIEW_NAMES, _is_tensor
 
 log = logging.getLogger(__name__)
 F = torch.nn.functional
@@ -82,6 +82,7 @@ class AttentionMatch:
     region: list[fx.Node]  # nodes of the pattern that may become dead
     flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
     adaptive: Any = None  # asam_compile.adaptive.SparseSettings where the site goes adaptive sparse
+    safe_softmax: bool = False  # aten._safe_softmax: rows whose scores are all -inf give 0, not NaN
 
 
 @dataclasses.dataclass
@@ -117,12 +118,54 @@ def _val(x: Any) -> Any:
     return _compat.example_value(x) if isinstance(x, fx.Node) else x
 
 
+# Note [0-dim constants]
+# Models build scalars as 0-dim tensors inside the graph: GPT-2's legacy path divides the scores by
+# `torch.full([], head_dim ** 0.5, dtype=..., device=...)` and fills with `torch.full([], finfo.min)`,
+# DistilBERT fills with `torch.tensor(-inf)`. A 0-dim tensor of a floating dtype does not change the dtype of
+# the scores it meets, so it acts as the Python number it holds, rounded to its own dtype: the matcher reads
+# it as that number (folded into SDPA's scale, or a fill value), and the rewrite leaves the node to die.
+
+
+def _const_scalar(x: Any, depth: int = 0) -> float | None:
+    """The number a 0-dim tensor built from constants holds (Note [0-dim constants]), or None."""
+    if not isinstance(x, fx.Node) or depth > 4 or x.op not in ("call_function", "call_method"):
+        return None
+    v = _val(x)
+    if not isinstance(v, torch.Tensor) or v.dim() != 0 or not v.dtype.is_floating_point:
+        return None
+    if _is_cast(x) or (x.op == "call_method" and x.target in ("float", "half", "bfloat16", "double", "contiguous", "clone")):
+        inner = _const_scalar(x.args[0], depth + 1)
+        return None if inner is None else float(torch.tensor(inner, dtype=torch.float64).to(v.dtype))
+    if x.op != "call_function":
+        return None
+    if x.target is torch.full and len(x.args) >= 2 and isinstance(x.args[0], (list, tuple)) and not x.args[0]:
+        value = x.args[1]
+    elif x.target in (torch.tensor, torch.scalar_tensor, torch.as_tensor) and x.args:
+        value = x.args[0]
+    else:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(torch.tensor(value, dtype=torch.float64).to(v.dtype))
+
+
+def _fold(x: Any) -> Any:
+    """x, or the number it holds where it is a 0-dim constant (Note [0-dim constants])."""
+    c = _const_scalar(x)
+    return x if c is None else c
+
+
 def _is_scalar(x: Any) -> bool:
+    if _const_scalar(x) is not None:
+        return True
     v = _val(x)
     return isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
 
 
 def _scalar_hint(x: Any) -> float:
+    c = _const_scalar(x)
+    if c is not None:
+        return c
     v = _val(x)
     if isinstance(v, (torch.SymInt, torch.SymFloat)):
         hint = _compat.sym_hint(v)
@@ -140,6 +183,15 @@ def _is_cast(node: Any) -> bool:
 
 def _is_identity_view(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("contiguous", "clone")
+
+
+SAFE_SOFTMAXES = (torch.ops.aten._safe_softmax, torch.ops.aten._safe_softmax.default)
+
+
+def is_softmax(node: fx.Node) -> bool:
+    """A softmax the matcher grows a candidate from: torch.softmax (normalized), or aten._safe_softmax (how
+    SDPA's math path decomposes: a row of -inf gives 0 instead of NaN)."""
+    return _call(node, torch.softmax) or (node.op == "call_function" and node.target in SAFE_SOFTMAXES)
 
 
 def module_path(node: fx.Node) -> str:
@@ -179,7 +231,7 @@ def _match_probs(softmax: fx.Node) -> tuple[fx.Node, float, list[fx.Node], fx.No
             region.append(user)
             cur = user
             continue
-        if _call(user, F.dropout):
+        if _call(user, F.dropout) or _call(user, torch.dropout):  # (x, p, training[, inplace]) both
             p = user.kwargs.get("p", user.args[1] if len(user.args) > 1 else 0.5)
             training = user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
             inplace = user.kwargs.get("inplace", user.args[3] if len(user.args) > 3 else False)
@@ -298,7 +350,7 @@ def _match_scores(x: fx.Node) -> _Scores:
             s, other = side
             if not _is_scalar(other):
                 raise Rejection(Reject.SCALE_NOT_SCALAR, f"{cur.name} multiplies by a tensor")
-            chain.append(("div" if _call(cur, torch.div) else "mul", other))
+            chain.append(("div" if _call(cur, torch.div) else "mul", _fold(other)))
             cur = s
             continue
         if _call(cur, torch.add) or _call(cur, torch.sub):
@@ -333,6 +385,9 @@ def _match_scores(x: fx.Node) -> _Scores:
                 continue
             raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name}: where() with a tensor on both sides")
         name = cur.target if isinstance(cur.target, str) else getattr(cur.target, "__name__", str(cur.target))
+        if _may_mutate(cur):  # normalize left it in place: a view or another reader shares the scores
+            raise Rejection(Reject.CHANGED_IN_PLACE, f"{cur.name} ({name}) changes the scores in place while "
+                            "another view of them is read (Note [In-place arithmetic on a fresh tensor])")
         raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name} ({name})")
 
     # Fold innermost first: a later multiply scales the terms and fill values recorded before it.
@@ -376,7 +431,7 @@ def _peel_scalars(node: Any, factors: list[tuple[Any, bool]]) -> Any:
             a, b = b, a
         if not (isinstance(a, fx.Node) and _is_scalar(b)):
             break
-        factors.append((b, _call(node, torch.div)))
+        factors.append((_fold(b), _call(node, torch.div)))
         node = a
     return node
 
@@ -743,8 +798,6 @@ def match_attention(
     q_factors: list[tuple[Any, bool]] = []
     q, k, labels = _qk_operands(scores.qk, q_factors)
     v, out_perm = _value_operand(out, probs, labels)
-    if labels is not None and _call(out, torch.matmul):
-        raise Rejection(Reject.EINSUM_UNSUPPORTED, "einsum scores with a matmul on values")
 
     # scale: python numbers fold into SDPA's scale; symbolic ones are multiplied into q
     scale, sym = 1.0, []
@@ -861,6 +914,7 @@ def match_attention(
         terms=scores.terms, fills=scores.fills, mask_kind=mask_kind, fixup=fixup, dropout_p=dropout_p,
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
+        safe_softmax=softmax.target in SAFE_SOFTMAXES,
     )
 
 
@@ -898,15 +952,6 @@ _INPLACE_OPERATORS = {
     operator.imatmul,
 }
 
-# Ops whose result may share storage with their first argument.
-_VIEW_NAMES = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as", "unsqueeze",
-    "squeeze", "contiguous", "narrow", "select", "unflatten", "flatten", "split", "split_with_sizes", "chunk",
-    "unbind", "t", "detach", "as_strided", "to", "type", "type_as", "float", "half", "bfloat16", "double",
-    "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "real", "imag", "getitem", "broadcast_to",
-    "tensor_split", "hsplit", "vsplit", "dsplit", "view_as_real", "view_as_complex", "alias", "squeeze_", "unsqueeze_",
-    "T", "mT", "H", "mH", "data", "align_as", "rename", "numpy_T",
-})
 
 
 def _may_mutate(node: fx.Node) -> bool:
@@ -950,7 +995,7 @@ def _alias_roots(node: fx.Node, memo: dict[fx.Node, frozenset[fx.Node]]) -> froz
         if cur.op == "call_function" and cur.target is getattr and len(cur.args) == 2:
             name = cur.args[1]
         base = cur.args[0] if cur.args else None
-        if isinstance(base, fx.Node) and (name in _VIEW_NAMES or _may_mutate(cur)):
+        if isinstance(base, fx.Node) and (name in VIEW_NAMES or _may_mutate(cur)):
             chain.append(cur)
             cur = base
             continue
@@ -1351,7 +1396,7 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             report.candidates.append(cand)
             continue
         implicit = _call(node, F.softmax) and len(node.args) < 2 and node.kwargs.get("dim") is None
-        if not (_call(node, torch.softmax) or _call(node, torch.log_softmax) or implicit):
+        if not (is_softmax(node) or _call(node, torch.log_softmax) or implicit):
             continue
         cand = Candidate(site=node.name, module=module_path(node), source=source_line(node), status="refused")
         if implicit:  # normalize leaves these alone: the legacy dim depends on the rank

@@ -41,6 +41,16 @@ DTYPE_METHODS = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# Ops whose result may share storage with their first argument.
+VIEW_NAMES = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand", "expand_as", "unsqueeze",
+    "squeeze", "contiguous", "narrow", "select", "unflatten", "flatten", "split", "split_with_sizes", "chunk",
+    "unbind", "t", "detach", "as_strided", "to", "type", "type_as", "float", "half", "bfloat16", "double",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "real", "imag", "getitem", "broadcast_to",
+    "tensor_split", "hsplit", "vsplit", "dsplit", "view_as_real", "view_as_complex", "alias", "squeeze_", "unsqueeze_",
+    "T", "mT", "H", "mH", "data", "align_as", "rename", "numpy_T",
+})
+
 _METHOD_TO_FN = {
     "matmul": torch.matmul,
     "bmm": torch.matmul,
@@ -151,9 +161,62 @@ def _canonical_call(fn: Any, args: tuple, kwargs: dict, node: fx.Node) -> tuple[
     return None
 
 
+# Note [In-place arithmetic on a fresh tensor]
+# Falcon scales its scores in place (`scores /= math.sqrt(d)`), older code masks them in place
+# (`scores.masked_fill_(m, -inf)`). Where the tensor written is new (made by an op that is not a view, so
+# nothing else can share its storage) and no view of it is taken, the in-place op is the out-of-place one
+# whose result every later reader of the tensor reads instead: the same kernel, the same numbers, and the
+# matcher sees one spelling.
+_INPLACE_TO_FN = {
+    operator.itruediv: torch.div, operator.imul: torch.mul, operator.iadd: torch.add, operator.isub: torch.sub,
+    "div_": torch.div, "mul_": torch.mul, "add_": torch.add, "sub_": torch.sub, "masked_fill_": torch.masked_fill,
+    torch.Tensor.div_: torch.div, torch.Tensor.mul_: torch.mul, torch.Tensor.add_: torch.add,
+    torch.Tensor.sub_: torch.sub, torch.Tensor.masked_fill_: torch.masked_fill,
+}
+
+
+def _out_of_place(node: fx.Node) -> Any:
+    """The out-of-place function equal to in-place `node` (Note [In-place arithmetic on a fresh tensor]), or None."""
+    if node.op not in ("call_function", "call_method") or node.kwargs or not node.args:
+        return None
+    try:
+        fn = _INPLACE_TO_FN.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+    x = node.args[0]
+    if fn is None or not isinstance(x, fx.Node) or x.op not in ("call_function", "call_method") or not _is_tensor(x):
+        return None
+    if _may_alias_input(x):
+        return None  # x may share storage with another tensor
+    if any(u is not node and (_may_alias_input(u) or u.target in _INPLACE_TO_FN) for u in x.users):
+        return None  # a view of x (or another write to it) would see the write
+    return fn
+
+
+def _may_alias_input(node: fx.Node) -> bool:
+    """Whether `node`'s result may share storage with an input: a view, or an in-place op (which returns it)."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    if getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        return name == "getitem" or (name.startswith("i") and name not in ("is_", "is_not", "index", "invert", "inv"))
+    return name in VIEW_NAMES or (name.endswith("_") and not name.endswith("__"))
+
+
 def run(gm: fx.GraphModule, config: Any) -> int:
     """Rewrite every recognised spelling in place. Returns how many nodes changed."""
     changed = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        fn = _out_of_place(node)
+        if fn is None:
+            continue
+        x = node.args[0]
+        for u in list(x.users):
+            if u is not node and order[u] > order[node]:
+                u.replace_input_with(x, node)
+        node.op, node.target = "call_function", fn
+        changed += 1
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue

@@ -281,10 +281,10 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
             v_full = _emit_operand(emit, m.v_full, m.rank, dtype)
             fill = emit("mean", v_full, -2, keepdim=True)
         else:
-            fill = float("nan")
+            fill = 0.0 if m.safe_softmax else float("nan")
         out = emit(torch.where, rows, fill, out)
     if nan_rows is not None:
-        out = emit(torch.where, nan_rows, float("nan"), out)
+        out = emit(torch.where, nan_rows, 0.0 if m.safe_softmax else float("nan"), out)
     for _ in range(4 - m.rank):
         out = emit("squeeze", out, 0)
     if m.out_perm is not None:

@@ -107,3 +107,137 @@ def test_multihead_attention_that_already_runs_sdpa_is_listed():
     _, cap = compile_capture(_Pool(need_weights=False).eval(), (torch.randn(2, 10, 32),), inductor=False, strict=True)
     (cand,) = cap.report.candidates
     assert cand.reject is Reject.ALREADY_SDPA
+
+
+# ------------------------------------------------------------------------------------ 0-dim constants
+
+
+def gpt2_legacy(q, k, v):
+    """GPT-2's legacy path: the scale and the fill value are 0-dim tensors built in the graph."""
+    s = q @ k.mT / torch.full([], v.size(-1) ** 0.5, dtype=q.dtype, device=q.device)
+    causal = torch.ones(16, 16, dtype=torch.bool, device=q.device).tril()
+    s = torch.where(causal, s, torch.full([], torch.finfo(s.dtype).min, dtype=s.dtype, device=s.device))
+    return torch.softmax(s, -1) @ v
+
+
+def distilbert_fill(q, k, v, keep):
+    s = (q / math.sqrt(8)) @ k.mT
+    s = s.masked_fill(~keep, torch.tensor(torch.finfo(s.dtype).min))
+    return torch.softmax(s, -1) @ v
+
+
+def test_0_dim_tensor_scale_and_fill_are_read_as_numbers():
+    cap = _check(gpt2_legacy, _qkv(), grad_args=(0, 1, 2))
+    info = cap.report.candidates[0].info
+    assert info["is_causal"] is True and info["scale"] == pytest.approx(8 ** -0.5, abs=1e-6), info
+
+
+def test_0_dim_tensor_fill_of_a_padding_mask():
+    keep = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    keep[1, ..., 10:] = False
+    cap = _check(distilbert_fill, (*_qkv(), keep), grad_args=(0, 1, 2))
+    assert cap.report.candidates[0].info["scale"] == pytest.approx(8 ** -0.5, abs=1e-6)
+
+
+def test_a_0_dim_tensor_computed_from_inputs_is_a_near_miss():
+    def attn(q, k, v, t):
+        return torch.softmax(q @ k.mT / t.sum(), -1) @ v
+
+    _, cap = compile_capture(attn, (*_qkv(), torch.tensor([2.0, 3.0])), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused" and cand.reject is Reject.SCALE_NOT_SCALAR, cand
+
+
+# ------------------------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("spelling", ["torch.dropout", "F.dropout"])
+def test_dropout_with_p_0_in_training_is_the_identity(spelling):
+    drop = (lambda p: torch.dropout(p, 0.0, True)) if spelling == "torch.dropout" else (lambda p: F.dropout(p, 0.0))
+
+    def attn(q, k, v):
+        return drop(torch.softmax(q @ k.mT * 0.3, -1)) @ v
+
+    cap = _check(attn, _qkv(), grad_args=(0, 1, 2))
+    assert cap.report.candidates[0].info["dropout_p"] == 0.0
+
+
+def test_torch_dropout_with_p_above_0_becomes_sdpa_dropout_p():
+    def attn(q, k, v):
+        return torch.dropout(torch.softmax(q @ k.mT * 0.3, -1), 0.25, True) @ v
+
+    _, cap = compile_capture(attn, _qkv(), inductor=False, strict=True)
+    assert cap.report.candidates[0].info["dropout_p"] == 0.25
+
+
+# ------------------------------------------------------------------------ einsum and matmul, mixed
+
+
+def test_einsum_scores_with_matmul_values():
+    def attn(q, k, v):
+        return torch.softmax(torch.einsum("bhld,bhsd->bhls", q, k) * 0.3, -1) @ v
+
+    _check(attn, _qkv(), grad_args=(0, 1, 2))
+
+
+def test_matmul_scores_with_einsum_values():
+    def attn(q, k, v):
+        return torch.einsum("bhls,bhsd->bhld", torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1), v)
+
+    _check(attn, _qkv(), grad_args=(0, 1, 2))
+
+
+def test_einsum_scores_in_a_permuted_layout_are_refused_with_a_reason():
+    def attn(q, k, x):  # scores come out (b, l, h, s): h is not a query axis
+        return torch.softmax(torch.einsum("bhld,bhsd->blhs", q, k) * 0.3, -1) @ x
+
+    q, k, _ = _qkv()
+    _, cap = compile_capture(attn, (q, k, torch.randn(2, 16, 16, 8)), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused" and cand.reject is Reject.EINSUM_UNSUPPORTED, cand
+
+
+# ------------------------------------------------------------------------------- in-place spellings
+
+
+def falcon(q, k, v):
+    s = q @ k.transpose(-1, -2)
+    s /= math.sqrt(q.size(-1))
+    s.masked_fill_(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def test_in_place_scale_and_fill_on_fresh_scores_are_rewritten():
+    cap = _check(falcon, _qkv(), grad_args=(0, 1, 2))
+    assert cap.report.candidates[0].info["is_causal"] is True
+
+
+def test_in_place_scale_of_scores_that_a_view_also_reads_is_refused():
+    def attn(q, k, v):
+        s = q @ k.mT
+        first = s[:, :, :1]  # a view: it sees the in-place division
+        s /= 4.0
+        return torch.softmax(s, -1) @ v + first.sum()
+
+    inputs = _qkv()
+    out, cap = compile_capture(attn, inputs, inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused" and cand.reject is Reject.CHANGED_IN_PLACE and "itruediv" in cand.detail, cand
+    torch.testing.assert_close(out, attn(*inputs))
+
+
+# ------------------------------------------------------------------------------------ _safe_softmax
+
+
+def test_aten_safe_softmax_gives_zero_rows_like_the_original():
+    def attn(q, k, v, keep):
+        s = (q @ k.mT * 0.3).masked_fill(~keep, float("-inf"))
+        return torch.ops.aten._safe_softmax(s, -1) @ v
+
+    keep = torch.ones(2, 1, 16, 16, dtype=torch.bool).tril()
+    keep[1, :, :4] = False  # rows with no key: _safe_softmax gives 0 there, softmax NaN
+    out = _check(attn, (*_qkv(), keep), grad_args=(0, 1, 2))
+    assert out.report.candidates[0].status == "rewritten"
+    compiled = torch.compile(attn, backend="asam", options={"inductor": False})
+    result = compiled(*_qkv(), keep)
+    assert torch.isfinite(result).all() and result[1, :, :4].abs().max() == 0
