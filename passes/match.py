@@ -48,6 +48,8 @@ class Fill:
     mask: fx.Node
     value: float
     mask_is_keep: bool  # True: mask marks positions to keep (where(m, scores, -inf))
+    at: tuple | None = None  # shape of the scores where the fill applies (Note [Views of the scores])
+    steps: list[tuple[Any, tuple]] = dataclasses.field(default_factory=list)  # to the canonical layout
 
 
 @dataclasses.dataclass
@@ -57,6 +59,8 @@ class Term:
     node: fx.Node
     factor: float
     negate: bool = False
+    at: tuple | None = None  # shape of the scores where the term is added (Note [Views of the scores])
+    steps: list[tuple[Any, tuple]] = dataclasses.field(default_factory=list)  # to the canonical layout
 
 
 @dataclasses.dataclass
@@ -83,6 +87,7 @@ class AttentionMatch:
     flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
     adaptive: Any = None  # asam_compile.adaptive.SparseSettings where the site goes adaptive sparse
     safe_softmax: bool = False  # aten._safe_softmax: rows whose scores are all -inf give 0, not NaN
+    out_shape: tuple[int, ...] | None = None  # the value matmul's shape, where it is a view of SDPA's layout
 
 
 @dataclasses.dataclass
@@ -173,6 +178,35 @@ def _scalar_hint(x: Any) -> float:
     return float(v)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# Note [Views of the scores]
+# BART computes its scores as a 3-D bmm, views them 4-D to add the mask and back to 3-D for the softmax and the
+# value bmm; BLOOM adds ALiBi in 3-D (baddbmm) and masks in 4-D; DeBERTa views the probabilities before its
+# bmm. A view or reshape that keeps the last two dims (queries, keys) and regroups only the leading ones is
+# the same row-major regrouping of (batch, head) whichever side of an op it sits on. The matcher therefore
+# looks through such reshapes and works in one canonical layout: the one with the most leading dims among
+# the scores' and probabilities' layouts (4-D where the mask is added in 4-D). q, k and v are reshaped into
+# it, a mask term added in another layout is expanded over its leading dims there and reshaped, and the
+# output is reshaped back to the value matmul's shape. Static shapes only; such a mask stays a dense SDPA mask.
+
+
+def is_batch_reshape(node: Any) -> bool:
+    """A view / reshape that keeps the last two dims and regroups only the leading ones (static shapes)."""
+    if not isinstance(node, fx.Node) or not (
+        (node.op == "call_method" and node.target in ("view", "reshape")) or _call(node, torch.reshape)
+    ):
+        return False
+    src, out = _val(node.args[0]) if isinstance(node.args[0], fx.Node) else None, _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or src.dim() < 2 or out.dim() < 2:
+        return False
+    if any(not isinstance(d, int) for d in (*src.shape, *out.shape)):
+        return False
+    return tuple(src.shape[-2:]) == tuple(out.shape[-2:]) and src.numel() == out.numel()
+
+
 def _call(node: Any, target: Any) -> bool:
     return isinstance(node, fx.Node) and node.target is target and node.op in ("call_function", "call_method")
 
@@ -227,7 +261,7 @@ def _match_probs(softmax: fx.Node) -> tuple[fx.Node, float, list[fx.Node], fx.No
         if len(users) != 1:
             raise Rejection(Reject.PROBS_ESCAPE if len(users) > 1 else Reject.NO_VALUE_MATMUL, cur.name)
         (user,) = users
-        if _is_cast(user) or _is_identity_view(user):
+        if _is_cast(user) or _is_identity_view(user) or is_batch_reshape(user):
             region.append(user)
             cur = user
             continue
@@ -287,9 +321,9 @@ def _reaches_qk(node: fx.Node, depth: int = 12) -> bool:
     for _ in range(depth):
         if not isinstance(cur, fx.Node):
             return False
-        if _call(cur, torch.matmul) or _call(cur, torch.einsum):
+        if _call(cur, torch.matmul) or _call(cur, torch.einsum) or _call(cur, torch.baddbmm):
             return True
-        if _is_cast(cur) or _is_identity_view(cur) or _call(cur, torch.masked_fill):
+        if _is_cast(cur) or _is_identity_view(cur) or _call(cur, torch.masked_fill) or is_batch_reshape(cur):
             cur = cur.args[0]
         elif _call(cur, torch.where):
             nxt = [a for a in cur.args[1:] if isinstance(a, fx.Node) and _reaches_qk(a, depth - 1)]
@@ -318,7 +352,7 @@ def _depends_on_matmul(node: fx.Node, depth: int = 8) -> bool:
             if n in seen:
                 continue
             seen.add(n)
-            if _call(n, torch.matmul) or _call(n, torch.einsum):
+            if _call(n, torch.matmul) or _call(n, torch.einsum) or _call(n, torch.baddbmm):
                 return True
             nxt.extend(n.all_input_nodes)
         frontier = nxt
@@ -336,7 +370,15 @@ def _match_scores(x: fx.Node) -> _Scores:
         region.append(cur)
         if _call(cur, torch.matmul) or _call(cur, torch.einsum):
             break
-        if _is_cast(cur) or _is_identity_view(cur):
+        if _call(cur, torch.baddbmm):  # beta * input + alpha * (q @ kT): BLOOM's ALiBi scores
+            bias, beta, alpha = cur.args[0], cur.kwargs.get("beta", 1), cur.kwargs.get("alpha", 1)
+            if not (_is_number(beta) and _is_number(alpha)):
+                raise Rejection(Reject.SCALE_NOT_SCALAR, f"{cur.name}: baddbmm with beta={beta}, alpha={alpha}")
+            if beta != 0 and isinstance(bias, fx.Node) and _is_tensor(bias):
+                chain.append(("term", Term(bias, float(beta), at=tuple(_val(cur).shape))))
+            chain.append(("mul", float(alpha)))
+            break
+        if _is_cast(cur) or _is_identity_view(cur) or is_batch_reshape(cur):
             cur = cur.args[0]
             continue
         if _call(cur, torch.mul) or _call(cur, torch.div):
@@ -362,7 +404,7 @@ def _match_scores(x: fx.Node) -> _Scores:
             if _call(cur, torch.sub) and s is b:
                 raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name} negates the scores")
             if isinstance(other, fx.Node) and _is_tensor(other):
-                chain.append(("term", Term(other, 1.0, negate=_call(cur, torch.sub))))
+                chain.append(("term", Term(other, 1.0, negate=_call(cur, torch.sub), at=tuple(_val(cur).shape))))
             # a scalar shift cancels in softmax: exact, nothing to record
             cur = s
             continue
@@ -370,17 +412,17 @@ def _match_scores(x: fx.Node) -> _Scores:
             s, mask, value = cur.args
             if not _is_scalar(value):
                 raise Rejection(Reject.MASK_FILL_VALUE, f"{cur.name} fills with a tensor")
-            chain.append(("fill", Fill(mask, _scalar_hint(value), mask_is_keep=False)))
+            chain.append(("fill", Fill(mask, _scalar_hint(value), mask_is_keep=False, at=tuple(_val(cur).shape))))
             cur = s
             continue
         if _call(cur, torch.where) and len(cur.args) == 3:
             c, a, b = cur.args
             if isinstance(a, fx.Node) and _is_tensor(a) and _reaches_qk(a) and _is_scalar(b):
-                chain.append(("fill", Fill(c, _scalar_hint(b), mask_is_keep=True)))
+                chain.append(("fill", Fill(c, _scalar_hint(b), mask_is_keep=True, at=tuple(_val(cur).shape))))
                 cur = a
                 continue
             if isinstance(b, fx.Node) and _is_tensor(b) and _reaches_qk(b) and _is_scalar(a):
-                chain.append(("fill", Fill(c, _scalar_hint(a), mask_is_keep=False)))
+                chain.append(("fill", Fill(c, _scalar_hint(a), mask_is_keep=False, at=tuple(_val(cur).shape))))
                 cur = b
                 continue
             raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name}: where() with a tensor on both sides")
@@ -488,8 +530,8 @@ def _parse_einsum(eq: str, ndims: Sequence[int]) -> tuple[list[str], str] | None
 
 def _qk_operands(qk: fx.Node, factors: list[tuple[Any, bool]]) -> tuple[Operand, Operand, list[str] | None]:
     """Q and K (each (..., L, E) / (..., S, E)) of the scores node; labels of the scores for einsum."""
-    if _call(qk, torch.matmul):
-        a, b = qk.args
+    if _call(qk, torch.matmul) or _call(qk, torch.baddbmm):
+        a, b = qk.args[-2:]
         if _val(a).dim() != _val(b).dim():
             raise Rejection(Reject.UNSUPPORTED_RANK, "query and key ranks differ")
         q = Operand(_peel_scalars(a, factors))
@@ -798,6 +840,12 @@ def match_attention(
     q_factors: list[tuple[Any, bool]] = []
     q, k, labels = _qk_operands(scores.qk, q_factors)
     v, out_perm = _value_operand(out, probs, labels)
+    # Note [Views of the scores]: the layout with the most leading dims among the scores' and probabilities'
+    layouts = [scores.qk, *reversed(scores.region), softmax, *probs_region]
+    canon = max(layouts, key=lambda n: _val(n).dim() if isinstance(_val(n), torch.Tensor) else -1)
+    out_shape = None
+    if any(is_batch_reshape(n) for n in layouts):
+        q, k, v, out_shape = _into_layout(canon, q, k, v, out, scores, labels)
 
     # scale: python numbers fold into SDPA's scale; symbolic ones are multiplied into q
     scale, sym = 1.0, []
@@ -812,7 +860,7 @@ def match_attention(
         raise Rejection(Reject.SCALE_NOT_POSITIVE, f"scale={scale}")
 
     # shapes
-    qv, sv = _val(scores.qk), _val(out)
+    qv, sv = _val(canon), _val(out)
     rank = qv.dim()
     if rank not in (2, 3, 4):
         raise Rejection(Reject.UNSUPPORTED_RANK, f"{rank}-D scores")
@@ -822,8 +870,11 @@ def match_attention(
 
     # mask
     mask_nodes = [t.node for t in scores.terms] + [fl.mask for fl in scores.fills]
-    for m in mask_nodes:
+    stepped = [t.steps for t in scores.terms] + [fl.steps for fl in scores.fills]
+    for m, steps in zip(mask_nodes, stepped):
         mv = _val(m)
+        for target, args in steps:
+            mv = target(mv, *args)
         try:
             shape = torch.broadcast_shapes(tuple(mv.shape), tuple(qv.shape))
         except RuntimeError:
@@ -847,9 +898,11 @@ def match_attention(
                     # Static shapes: classify from the lifted index functions, row chunk by row chunk, so no
                     # L x S mask is made at compile time. Otherwise (or if the mask cannot be lifted) run
                     # the mask subgraph itself once.
-                    vals = _lift_cached(mask_nodes, gm, example_inputs, mask_cache) if subs == {} and rank == 4 else None
+                    lift_ok = subs == {} and rank == 4 and not any(stepped)
+                    vals = _lift_cached(mask_nodes, gm, example_inputs, mask_cache) if lift_ok else None
                     if not isinstance(vals, list):
                         vals = _evaluate(mask_nodes, anc, gm, example_inputs, subs)
+                        vals = [_apply_steps(val, steps) for val, steps in zip(vals, stepped)]
                     kind, fully, exclusion_only = _classify_mask(
                         scores, vals[: len(scores.terms)], vals[len(scores.terms):], _concrete(qv.shape, subs), device=sv.device)
                     del vals
@@ -865,6 +918,8 @@ def match_attention(
             biased = biased or not exclusion_only
             if kind == "dense" and subs == {} and fully:
                 fixup = "nan" if any(fl.value == float("-inf") for fl in scores.fills) or not scores.fills else "mean"
+        if any(stepped):
+            flex_ok = False  # Note [Views of the scores]: the lifter sees masks in the canonical layout only
         if "dense" in kinds and kinds <= {"dense", "causal", "none"} and flex_ok:  # causal at short lengths: fine
             flex_plan = _guarded_plan(softmax, config, dropout_p, qv, _plan_flex, softmax, scores, mask_nodes, gm,
                                       example_inputs, config, qv, sv, mask_cache, biased)
@@ -874,7 +929,7 @@ def match_attention(
                 fixup = _runtime_fixup(scores)
         else:
             mask_kind, fixup = "dense", _runtime_fixup(scores)
-        if not samples and mask_kind == "dense":
+        if not samples and mask_kind == "dense" and not any(stepped):
             # Note [Runtime masks as in-graph block masks]
             flex_plan = _guarded_plan(softmax, config, dropout_p, qv, _plan_runtime_flex, softmax, scores,
                                       mask_nodes, gm, example_inputs, config, qv, sv)
@@ -914,8 +969,47 @@ def match_attention(
         terms=scores.terms, fills=scores.fills, mask_kind=mask_kind, fixup=fixup, dropout_p=dropout_p,
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
-        safe_softmax=softmax.target in SAFE_SOFTMAXES,
+        safe_softmax=softmax.target in SAFE_SOFTMAXES, out_shape=out_shape,
     )
+
+
+def _apply_steps(val: Any, steps: list[tuple[Any, tuple]]) -> Any:
+    for target, args in steps:
+        val = target(val, *args)
+    return val
+
+
+def _into_layout(
+    canon: fx.Node, q: Operand, k: Operand, v: Operand, out: fx.Node, scores: _Scores, labels: list[str] | None
+) -> tuple[Operand, Operand, Operand, tuple[int, ...] | None]:
+    """Note [Views of the scores]: q, k, v and the mask terms reshaped into `canon`'s layout; the shape the
+    output is reshaped back to (None where it is already that layout)."""
+    if labels is not None or not _call(out, torch.matmul):
+        raise Rejection(Reject.EINSUM_UNSUPPORTED, "an einsum with views of the scores between the matmuls")
+    lead = tuple(_val(canon).shape[:-2])
+    n = math.prod(lead)
+
+    def to_lead(op: Operand, what: str) -> Operand:
+        shape = _shape_after(op)
+        if shape is None or any(not isinstance(d, int) for d in shape) or math.prod(shape[:-2]) != n:
+            raise Rejection(Reject.SHAPE_MISMATCH, f"{what} {shape} does not regroup into the scores' leading dims {lead}")
+        return op if tuple(shape[:-2]) == lead else op.then(torch.reshape, (*lead, *shape[-2:]))
+
+    for item in [*scores.terms, *scores.fills]:
+        at = item.at
+        node = item.node if isinstance(item, Term) else item.mask
+        mv = _val(node)
+        if at is None or tuple(at[:-2]) == lead:
+            continue
+        if not isinstance(mv, torch.Tensor) or mv.dim() > len(at) or math.prod(at[:-2]) != n:
+            raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{node.name} is applied to the scores in layout {at}")
+        padded = (1,) * (len(at) - mv.dim()) + tuple(mv.shape)
+        last2 = padded[-2:]
+        item.steps = [(torch.reshape, (padded,)), (torch.Tensor.expand, ((*at[:-2], *last2),)),
+                      (torch.reshape, ((*lead, *last2),))]
+    ov = _val(out)
+    return to_lead(q, "query"), to_lead(k, "key"), to_lead(v, "value"), (
+        None if tuple(ov.shape[:-2]) == lead else tuple(ov.shape))
 
 
 def _flex_fixup(plan: FlexPlan, fixup: str | None) -> str | None:

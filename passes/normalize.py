@@ -35,6 +35,7 @@ SUBS = {operator.sub, torch.sub, torch.Tensor.sub}
 TRANSPOSES = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
 MASKED_FILLS = {torch.masked_fill, torch.Tensor.masked_fill}
 WHERES = {torch.where}
+BADDBMMS = {torch.baddbmm, torch.Tensor.baddbmm}
 DTYPE_METHODS = {
     "float": torch.float32,
     "double": torch.float64,
@@ -66,6 +67,7 @@ _METHOD_TO_FN = {
     "add": torch.add,
     "sub": torch.sub,
     "masked_fill": torch.masked_fill,
+    "baddbmm": torch.baddbmm,
 }
 
 
@@ -155,6 +157,14 @@ def _canonical_call(fn: Any, args: tuple, kwargs: dict, node: fx.Node) -> tuple[
             return None
         target = torch.mul if fn in MULS else torch.div if fn in DIVS else torch.add if fn in ADDS else torch.sub
         return target, tuple(args), {}
+    if fn in BADDBMMS:  # (input, batch1, batch2, *, beta, alpha), number coefficients only
+        x, b1, b2 = (list(args) + [kwargs.get("batch1"), kwargs.get("batch2")])[:3]
+        if set(kwargs) - {"batch1", "batch2", "beta", "alpha"} or not all(_is_tensor(t) for t in (x, b1, b2)):
+            return None
+        coef = {n: kwargs[n] for n in ("beta", "alpha") if n in kwargs}
+        if any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in coef.values()):
+            return None
+        return torch.baddbmm, (x, b1, b2), coef
     if fn in MASKED_FILLS:
         x, mask, value = (list(args) + [kwargs.get("mask"), kwargs.get("value")])[:3]
         return torch.masked_fill, (x, mask, value), {}

@@ -61,10 +61,14 @@ class _Emitter:
         return node
 
 
-def _emit_operand(emit: _Emitter, op: Operand, rank: int, dtype: torch.dtype) -> fx.Node:
-    node = op.node
-    for target, args in op.steps:
+def _emit_steps(emit: _Emitter, node: fx.Node, steps: list[tuple[Any, tuple]]) -> fx.Node:
+    for target, args in steps:
         node = emit(target, node, *args)
+    return node
+
+
+def _emit_operand(emit: _Emitter, op: Operand, rank: int, dtype: torch.dtype) -> fx.Node:
+    node = _emit_steps(emit, op.node, op.steps)
     for _ in range(4 - rank):
         node = emit("unsqueeze", node, 0)
     if _compat.example_value(node).dtype != dtype:
@@ -77,7 +81,7 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
     mask's fully masked rows are its all -inf ones (the original gives NaN there)."""
     additive = None
     for t in m.terms:
-        node = t.node
+        node = _emit_steps(emit, t.node, t.steps)
         if t.factor != 1.0:
             node = emit(torch.mul, node, t.factor)
         if t.negate:
@@ -85,7 +89,8 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
         additive = node if additive is None else emit(torch.add, additive, node)
     keep = None
     for fl in m.fills:
-        k = fl.mask if fl.mask_is_keep else emit(torch.logical_not, fl.mask)
+        mask = _emit_steps(emit, fl.mask, fl.steps)
+        k = mask if fl.mask_is_keep else emit(torch.logical_not, mask)
         if _compat.example_value(k).dtype != torch.bool:
             k = emit("to", k, torch.bool)
         keep = k if keep is None else emit(torch.logical_and, keep, k)
@@ -97,6 +102,9 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
             additive = emit(torch.masked_fill, additive, emit(torch.logical_not, keep), float("-inf"))
         if m.fixup is not None:
             rows = emit("all", emit(torch.isneginf, additive), -1, keepdim=True)
+            # SDPA's backward gives NaN on a row of -inf even where no gradient reaches it: the row is
+            # replaced after SDPA anyway, so any finite value does
+            additive = emit(torch.masked_fill, additive, rows, 0.0)
         return additive, rows
     if m.fixup is not None:
         rows = emit("all", emit(torch.logical_not, keep), -1, keepdim=True)
@@ -289,6 +297,8 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         out = emit("squeeze", out, 0)
     if m.out_perm is not None:
         out = emit(torch.permute, out, m.out_perm)
+    if m.out_shape is not None:  # Note [Views of the scores] in passes/match.py
+        out = emit(torch.reshape, out, m.out_shape)
     if _compat.example_value(out).dtype != m.out_dtype:
         out = emit("to", out, m.out_dtype)
     return out

@@ -241,3 +241,82 @@ def test_aten_safe_softmax_gives_zero_rows_like_the_original():
     compiled = torch.compile(attn, backend="asam", options={"inductor": False})
     result = compiled(*_qkv(), keep)
     assert torch.isfinite(result).all() and result[1, :, :4].abs().max() == 0
+
+
+# ------------------------------------------------------------------------ views between the matmuls
+
+B, H, L, E = 2, 4, 16, 8
+
+
+def _qkv3():
+    return tuple(torch.randn(B * H, L, E) for _ in range(3))
+
+
+def bart(q, k, v, mask):
+    """BART: 3-D bmm scores, viewed 4-D to add the mask, back to 3-D for softmax and the value bmm."""
+    s = torch.bmm(q, k.transpose(1, 2)) * E**-0.5
+    s = s.view(B, H, L, L) + mask
+    s = s.view(B * H, L, L)
+    return torch.bmm(F.dropout(torch.softmax(s, dim=-1), p=0.0, training=False), v)
+
+
+def bloom(q, k, v, alibi, masked):
+    """BLOOM: ALiBi through baddbmm in 3-D, a 4-D masked_fill, the probabilities viewed 3-D for bmm."""
+    scores = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=E**-0.5)
+    scores = scores.view(B, H, L, L)
+    scores = torch.masked_fill(scores, masked, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs.view(B * H, L, L), v)
+
+
+def deberta(q, k, v):
+    """DeBERTa: 4-D scores and probabilities, viewed 3-D before the value bmm."""
+    s = q.view(B, H, L, E) @ k.view(B, H, L, E).transpose(-1, -2) / math.sqrt(E)
+    p = torch.softmax(s, -1)
+    return torch.bmm(p.view(-1, L, L), v).view(B, H, L, E)
+
+
+def _padding(additive: bool, left: bool = True):
+    """A causal mask with padding in batch row 1: left padding leaves query rows without keys."""
+    keep = torch.ones(B, 1, L, L, dtype=torch.bool).tril()
+    keep[1, ..., slice(None, 3) if left else slice(L - 3, None)] = False
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min) if additive else ~keep
+
+
+def test_bart_views_of_the_scores_around_the_mask():
+    cap = _check(bart, (*_qkv3(), _padding(additive=True)), grad_args=(0, 1, 2))
+    assert cap.report.candidates[0].info["mask"].startswith("dense")
+
+
+def test_bloom_baddbmm_alibi_and_a_4d_fill():
+    alibi = torch.randn(B * H, 1, L) * 0.5
+    # right padding: BLOOM's float32 softmax of a float64 reference turns its finfo.min into -inf, so a row with
+    # no key would be NaN in the reference itself
+    cap = _check(bloom, (*_qkv3(), alibi, _padding(additive=False, left=False)), grad_args=(0, 1, 2, 3))
+    assert cap.report.candidates[0].info["scale"] == pytest.approx(E**-0.5, abs=1e-6)
+
+
+def test_deberta_view_of_the_probabilities_before_bmm():
+    _check(deberta, _qkv3(), grad_args=(0, 1, 2))
+
+
+def test_a_view_that_mixes_the_query_axis_is_refused():
+    def attn(q, k, v):
+        s = torch.bmm(q, k.transpose(1, 2)) * 0.3
+        p = torch.softmax(s.view(B * H, L // 2, 2 * L), -1)  # rows of two queries: not attention
+        return torch.bmm(p.view(B * H, L, L), v)
+
+    out, cap = compile_capture(attn, _qkv3(), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused", cand
+
+
+def test_a_float_mask_with_rows_of_no_key_has_finite_gradients_like_the_original():
+    """An additive bias plus a fill that removes whole rows: SDPA's backward alone gives NaN there."""
+
+    def attn(q, k, v, bias, masked):
+        s = (q @ k.mT * 0.3 + bias).masked_fill(masked, torch.finfo(torch.float32).min)
+        return torch.softmax(s, -1) @ v
+
+    inputs = (*_qkv(), torch.randn(1, 4, 16, 16) * 0.1, _padding(additive=False))
+    _check(attn, inputs, grad_args=(0, 1, 2, 3))
