@@ -154,6 +154,21 @@ def _const_scalar(x: Any, depth: int = 0) -> float | None:
     return float(torch.tensor(value, dtype=torch.float64).to(v.dtype))
 
 
+# Note [0-dim runtime scales]
+# PyTorch's own attention patterns take the scale as a 0-dim tensor input (`scores.div(inv_scale)` with
+# inv_scale a graph input). Such a factor is multiplied into q (or divides it), like a symbolic scale: exact
+# up to rounding, and its gradient flows. It cannot be read at compile time, so it is taken only where no
+# mask term or fill came before it (it would scale them by an unknown amount), and it has no sign check:
+# (q / t) . k is (q . k) / t for any t.
+
+
+def _is_tensor_scalar(x: Any) -> bool:
+    """A 0-dim floating tensor that is not a compile-time constant (Note [0-dim runtime scales])."""
+    v = _val(x)
+    return (isinstance(x, fx.Node) and isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point
+            and _const_scalar(x) is None)
+
+
 def _fold(x: Any) -> Any:
     """x, or the number it holds where it is a 0-dim constant (Note [0-dim constants])."""
     c = _const_scalar(x)
@@ -390,6 +405,11 @@ def _match_scores(x: fx.Node) -> _Scores:
             if side is None:
                 raise _no_qk(cur)
             s, other = side
+            if _is_tensor_scalar(other):
+                # Note [0-dim runtime scales]: folded into q where nothing was added or filled after it
+                chain.append(("div" if _call(cur, torch.div) else "mul", other))
+                cur = s
+                continue
             if not _is_scalar(other):
                 raise Rejection(Reject.SCALE_NOT_SCALAR, f"{cur.name} multiplies by a tensor")
             chain.append(("div" if _call(cur, torch.div) else "mul", _fold(other)))
@@ -439,6 +459,10 @@ def _match_scores(x: fx.Node) -> _Scores:
     for kind, item in reversed(chain):
         if kind in ("mul", "div"):
             factors.append((item, kind == "div"))
+            if _is_tensor_scalar(item):  # Note [0-dim runtime scales]
+                if terms or fills:
+                    raise Rejection(Reject.SCALE_NOT_SCALAR, f"{item.name}: a tensor scale applied after a mask")
+                continue
             if isinstance(item, fx.Node):
                 f = _scalar_hint(item)
             else:
@@ -469,9 +493,9 @@ def _peel_scalars(node: Any, factors: list[tuple[Any, bool]]) -> Any:
     """Strip scalar mul/div (and transposes are NOT stripped here) from an operand."""
     while isinstance(node, fx.Node) and (_call(node, torch.mul) or _call(node, torch.div)):
         a, b = node.args
-        if _call(node, torch.mul) and _is_scalar(a) and isinstance(b, fx.Node):
+        if _call(node, torch.mul) and (_is_scalar(a) or _is_tensor_scalar(a)) and isinstance(b, fx.Node):
             a, b = b, a
-        if not (isinstance(a, fx.Node) and _is_scalar(b)):
+        if not (isinstance(a, fx.Node) and (_is_scalar(b) or _is_tensor_scalar(b))) or _val(a).dim() == 0:
             break
         factors.append((_fold(b), _call(node, torch.div)))
         node = a
@@ -851,7 +875,7 @@ def match_attention(
     scale, sym = 1.0, []
     for f, is_div in q_factors + scores.factors:
         if isinstance(f, fx.Node):
-            if _scalar_hint(f) <= 0:
+            if not _is_tensor_scalar(f) and _scalar_hint(f) <= 0:
                 raise Rejection(Reject.SCALE_NOT_POSITIVE, f.name)
             sym.append((f, is_div))
         else:

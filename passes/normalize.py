@@ -83,6 +83,12 @@ def canonical(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     """The canonical (target, args, kwargs) of a call_function node equal to `node`, or None."""
     if node.op == "call_method":
         name = node.target
+        if name in ("expand_as", "view_as", "reshape_as") and len(node.args) == 2 and not node.kwargs:
+            # Note [Shape-only reads]: x.expand_as(scores) reads only the size of scores
+            other = _compat.example_value(node.args[1])
+            if _is_tensor(node.args[0]) and isinstance(other, torch.Tensor) and all(isinstance(d, int) for d in other.shape):
+                return name.removesuffix("_as"), (node.args[0], *other.shape), {}
+            return None
         if name in DTYPE_METHODS and len(node.args) == 1 and not node.kwargs:
             return "to", (node.args[0], DTYPE_METHODS[name]), {}
         if name in ("type", "to", "type_as"):
@@ -96,6 +102,13 @@ def canonical(node: fx.Node) -> tuple[Any, tuple, dict] | None:
             return torch.transpose, (node.args[0], -2, -1), {}
         return _canonical_call(node.target, node.args, dict(node.kwargs), node)
     return None
+
+
+# Note [Shape-only reads]
+# DistilBERT (and PyTorch's _sfdp_pattern_15/17/20) builds its mask as `(m == 0).view(...).expand_as(scores)`:
+# that reads only the scores' size, but as a second user of the scores it would keep them alive and stop the
+# matcher (the scores "escape"). With static sizes, x.expand_as(y) is x.expand(*y.shape) (likewise view_as,
+# reshape_as): the same op, and the scores keep one reader.
 
 
 def _canonical_cast(node: fx.Node) -> tuple[Any, tuple, dict] | None:
