@@ -139,11 +139,19 @@ def test_0_dim_tensor_fill_of_a_padding_mask():
     assert cap.report.candidates[0].info["scale"] == pytest.approx(8 ** -0.5, abs=1e-6)
 
 
-def test_a_0_dim_tensor_computed_from_inputs_is_a_near_miss():
+def test_a_0_dim_tensor_computed_from_inputs_is_a_runtime_scale_that_trains():
     def attn(q, k, v, t):
         return torch.softmax(q @ k.mT / t.sum(), -1) @ v
 
-    _, cap = compile_capture(attn, (*_qkv(), torch.tensor([2.0, 3.0])), inductor=False, strict=True)
+    cap = _check(attn, (*_qkv(), torch.tensor([2.0, 3.0])), grad_args=(0, 1, 2, 3))
+    assert cap.report.candidates[0].info["scale"] == "symbolic"
+
+
+def test_a_runtime_tensor_scale_applied_after_a_mask_is_a_near_miss():
+    def attn(q, k, v, mask, t):
+        return torch.softmax((q @ k.mT + mask) / t, -1) @ v
+
+    _, cap = compile_capture(attn, (*_qkv(), torch.randn(16, 16), torch.tensor(2.0)), inductor=False, strict=True)
     (cand,) = cap.report.candidates
     assert cand.status == "refused" and cand.reject is Reject.SCALE_NOT_SCALAR, cand
 
