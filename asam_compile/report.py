@@ -30,6 +30,7 @@ class Reject(enum.Enum):
     EINSUM_UNSUPPORTED = "an einsum equation that is not a plain attention contraction"
     EMPTY = "zero-length sequence or head size"
     CHANGED_IN_PLACE = "a tensor the attention reads is changed in place between the scores and the value matmul"
+    SOFTCAP_NEEDS_FLEX = "tanh soft-capping of the scores runs only as a FlexAttention score_mod, and Flex cannot run here"
     ALREADY_SDPA = "already runs scaled_dot_product_attention"
     PASS_FAILED = "a pass of ours failed on this graph; the graph was restored and left as it was"
 

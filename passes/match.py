@@ -88,6 +88,7 @@ class AttentionMatch:
     adaptive: Any = None  # asam_compile.adaptive.SparseSettings where the site goes adaptive sparse
     safe_softmax: bool = False  # aten._safe_softmax: rows whose scores are all -inf give 0, not NaN
     out_shape: tuple[int, ...] | None = None  # the value matmul's shape, where it is a view of SDPA's layout
+    softcap: float | None = None  # Note [Soft-capped scores]: runs as a Flex score_mod
 
 
 @dataclasses.dataclass
@@ -320,6 +321,37 @@ class _Scores:
     terms: list[Term]
     fills: list[Fill]
     region: list[fx.Node]
+    softcap: float | None = None  # Note [Soft-capped scores]: c in c * tanh(scores / c)
+
+
+# Note [Soft-capped scores]
+# Gemma 2 caps its scores as `c * tanh(scores / c)` before adding the mask. SDPA has no place for it; Flex does:
+# a score_mod `c * tanh(score / c)` (then the lifted bias, if any) on the scaled scores, exact. So a soft-capped
+# site always runs Flex, with its mask's block mask (or a full / causal one); where Flex cannot run (CPU
+# training, dropout, flex='never', a mask that cannot be lifted) it is refused with a reason that names the tanh.
+
+
+def _is_tanh(node: Any) -> bool:
+    return _call(node, torch.tanh) or (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "tanh")
+
+
+def _match_softcap(tanh: fx.Node, chain: list[tuple[str, Any]], region: list[fx.Node]) -> fx.Node:
+    """Note [Soft-capped scores]: the scores under `c * tanh(x / c)`; records ("softcap", c) in the chain."""
+    outer = chain[-1] if chain else None
+    if outer is None or outer[0] != "mul" or not _is_number(outer[1]):
+        raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{tanh.name} (tanh) is not soft-capping c * tanh(x / c)")
+    c = float(outer[1])
+    inner = tanh.args[0]
+    if not isinstance(inner, fx.Node) or len(inner.users) != 1 or not (_call(inner, torch.div) or _call(inner, torch.mul)):
+        raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{tanh.name} (tanh) is not soft-capping c * tanh(x / c)")
+    x, d = inner.args
+    f = _fold(d)
+    if not (_is_number(f) and isinstance(x, fx.Node) and c > 0
+            and (f == c if _call(inner, torch.div) else abs(f * c - 1.0) < 1e-9)):
+        raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{tanh.name} (tanh) is not soft-capping c * tanh(x / c)")
+    chain[-1] = ("softcap", c)
+    region.append(inner)
+    return x
 
 
 def _scores_side(a: Any, b: Any) -> tuple[Any, Any] | None:
@@ -338,7 +370,7 @@ def _reaches_qk(node: fx.Node, depth: int = 12) -> bool:
             return False
         if _call(cur, torch.matmul) or _call(cur, torch.einsum) or _call(cur, torch.baddbmm):
             return True
-        if _is_cast(cur) or _is_identity_view(cur) or _call(cur, torch.masked_fill) or is_batch_reshape(cur):
+        if _is_cast(cur) or _is_identity_view(cur) or _call(cur, torch.masked_fill) or is_batch_reshape(cur) or _is_tanh(cur):
             cur = cur.args[0]
         elif _call(cur, torch.where):
             nxt = [a for a in cur.args[1:] if isinstance(a, fx.Node) and _reaches_qk(a, depth - 1)]
@@ -446,6 +478,9 @@ def _match_scores(x: fx.Node) -> _Scores:
                 cur = b
                 continue
             raise Rejection(Reject.SCORE_OP_UNSUPPORTED, f"{cur.name}: where() with a tensor on both sides")
+        if _is_tanh(cur):
+            cur = _match_softcap(cur, chain, region)
+            continue
         name = cur.target if isinstance(cur.target, str) else getattr(cur.target, "__name__", str(cur.target))
         if _may_mutate(cur):  # normalize left it in place: a view or another reader shares the scores
             raise Rejection(Reject.CHANGED_IN_PLACE, f"{cur.name} ({name}) changes the scores in place while "
@@ -456,7 +491,15 @@ def _match_scores(x: fx.Node) -> _Scores:
     factors: list[tuple[Any, bool]] = []
     terms: list[Term] = []
     fills: list[Fill] = []
+    softcap = None
     for kind, item in reversed(chain):
+        if kind == "softcap":  # Note [Soft-capped scores]
+            if terms or fills:
+                raise Rejection(Reject.SCORE_OP_UNSUPPORTED, "a mask added inside the tanh soft-capping")
+            softcap = item
+            continue
+        if kind in ("mul", "div") and softcap is not None:
+            raise Rejection(Reject.SCORE_OP_UNSUPPORTED, "a scale applied after the tanh soft-capping")
         if kind in ("mul", "div"):
             factors.append((item, kind == "div"))
             if _is_tensor_scalar(item):  # Note [0-dim runtime scales]
@@ -482,7 +525,7 @@ def _match_scores(x: fx.Node) -> _Scores:
     finite = {fl.value for fl in fills if fl.value != float("-inf")}
     if len(finite) > 1 or (finite and len(finite) != len({fl.value for fl in fills})):
         raise Rejection(Reject.MASK_FILL_VALUE, "masks fill different values")
-    return _Scores(cur, factors, terms, fills, region)
+    return _Scores(cur, factors, terms, fills, region, softcap)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -960,6 +1003,9 @@ def match_attention(
 
     if mask_kind == "dense" and isinstance(flex_plan, FlexPlan) and flex_plan.kernel == "flex":
         mask_kind, fixup = "flex", _flex_fixup(flex_plan, fixup)
+    if scores.softcap is not None:
+        mask_kind, flex_plan, fixup = _softcap_plan(softmax, scores, mask_kind, flex_plan, fixup, any(stepped),
+                                                    dropout_p, gm, config, qv, sv)
 
     # shapes after our layout glue: batch dims must agree (SDPA does not broadcast them like matmul does)
     qs, ks, vs = (_shape_after(o) for o in (q, k, v))
@@ -993,8 +1039,60 @@ def match_attention(
         terms=scores.terms, fills=scores.fills, mask_kind=mask_kind, fixup=fixup, dropout_p=dropout_p,
         enable_gqa=enable_gqa, compute_dtype=compute_dtype, out_dtype=out_dtype, rank=rank,
         out_perm=out_perm, region=[out, *probs_region, softmax, *scores.region], flex_plan=flex_plan,
-        safe_softmax=softmax.target in SAFE_SOFTMAXES, out_shape=out_shape,
+        safe_softmax=softmax.target in SAFE_SOFTMAXES, out_shape=out_shape, softcap=scores.softcap,
     )
+
+
+def _softcap_plan(
+    softmax: fx.Node, scores: _Scores, mask_kind: str, flex_plan: "FlexPlan | str | None", fixup: str | None,
+    stepped: bool, dropout_p: float, gm: fx.GraphModule, config: Any, qv: Any, sv: Any,
+) -> tuple[str, "FlexPlan", str | None]:
+    """Note [Soft-capped scores]: the site's Flex plan (its mask's, or a full / causal block mask), whose
+    score_mod carries the soft-capping; raises a Rejection that names the tanh where Flex cannot run."""
+    from asam_compile import cost
+    from asam_compile.block_mask import build_block_mask
+
+    def refuse(why: str) -> Rejection:
+        return Rejection(Reject.SOFTCAP_NEEDS_FLEX, f"tanh soft-capping (c={scores.softcap}): {why}")
+
+    if dropout_p:
+        raise refuse("Flex has no attention dropout")
+    if qv.dim() == 2:
+        raise refuse("Flex is used for 3-D and 4-D attention only")
+    if stepped:
+        raise refuse("the mask is added in another layout of the scores")
+    E = sv.shape[-1]
+    kernel, why = cost.choose_kernel(B=1, H=1, L=1, S=1, E=E if isinstance(E, int) else 16, density=1.0,
+                                     device_type=sv.device.type, requires_grad=bool(_val(softmax).requires_grad),
+                                     policy="never" if config.flex == "never" else "always")
+    if kernel != "flex":
+        raise refuse(why)
+    if mask_kind == "flex":
+        return mask_kind, flex_plan, fixup
+    if mask_kind == "dense":
+        if not isinstance(flex_plan, FlexPlan):
+            raise refuse(flex_plan or "the mask cannot be made a Flex block mask")
+        plan = dataclasses.replace(flex_plan, kernel="flex", reason=f"soft-capping as a score_mod; {flex_plan.reason}")
+        return "flex", plan, _flex_fixup(plan, fixup)
+    q4 = _as_4d(qv)
+    if any(not isinstance(d, int) for d in (*q4.shape, *sv.shape)):
+        raise refuse("dynamic shapes (a full or causal block mask is built for static shapes only)")
+    B, H, L, S = q4.shape
+    causal = mask_kind == "causal"
+
+    def keep_fn(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return kv <= q if causal else (q >= 0) & (kv >= 0)
+
+    name = "causal" if causal else "full"
+    keep_fn.__name__ = name
+    mask_key = f"softcap_{name}_{abs(hash((id(gm), softmax.name))) % 10**8}"
+    block_mask, density = build_block_mask(keep_fn, 1, 1, L, S, sv.device, block_size=config.block_size,
+                                           key=(f"softcap_{name}", L, S, config.block_size, str(sv.device)))
+    _, score_key, _ = _register(mask_key, keep_fn, scores, [], False, in_graph=False)
+    tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    plan = FlexPlan("flex", f"soft-capping as a score_mod over a {name} block mask", name, mask_key, density,
+                    config.block_size, (L, S), tensors, score_key, (), (1, 1))
+    return "flex", plan, None
 
 
 def _apply_steps(val: Any, steps: list[tuple[Any, tuple]]) -> Any:
@@ -1235,7 +1333,7 @@ def _plan_flex(
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(_val(softmax).requires_grad), policy=config.flex)
     captures, score_key, _ = _register(mask_key, keep_fn, scores, lifted, biased, in_graph=False)
-    if score_key:
+    if score_key and biased:
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
@@ -1326,7 +1424,9 @@ def _register(
     runtime.register_mask_mod(mask_key, keep_fn)
     captures = lifted[0].captures if lifted else ()
     runtime.register_captures(mask_key, captures)
-    score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted)) if biased else None
+    score_key = None
+    if biased or scores.softcap is not None:
+        score_key = runtime.register_score_mod(f"bias_{mask_key}", _lifted_bias(scores, lifted, biased))
     neginf_key = None
     if in_graph and scores.terms and not scores.fills:  # Note [Fully masked rows]: all -inf gives NaN
         neginf_key = runtime.register_mask_mod(f"neginf_{mask_key}", _lifted_neginf(scores, lifted))
@@ -1387,7 +1487,7 @@ def _in_graph_plan(
                                         build_s=Bh * Hh * L * S / _BUILD_ELEMENTS_PER_S)
     reason = f"{reason}; {where}"
     captures, score_key, neginf_key = _register(mask_key, keep_fn, scores, lifted, biased, in_graph=True)
-    if score_key:
+    if score_key and biased:
         reason += "; additive terms as a score_mod"
     Bm, Hm = (qv.shape[0] if "b" in axes else 1), (qv.shape[1] if "h" in axes else 1)
     return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
@@ -1416,11 +1516,15 @@ def _plan_dynamic_flex(
 # flex computes q.k * scale + bias, the same order as SDPA's q.k * scale + attn_mask.
 
 
-def _lifted_bias(scores: _Scores, lifted: list[Any]) -> Any:
-    """score_mod(score, b, h, q, kv) = score + the additive terms at (b, h, q, kv)."""
-    terms = list(zip(scores.terms, lifted[: len(scores.terms)]))
+def _lifted_bias(scores: _Scores, lifted: list[Any], biased: bool = True) -> Any:
+    """score_mod(score, b, h, q, kv) = score (soft-capped, Note [Soft-capped scores]) + the additive terms at
+    (b, h, q, kv) where `biased`."""
+    terms = list(zip(scores.terms, lifted[: len(scores.terms)])) if biased else []
+    cap = scores.softcap
 
     def lifted_bias(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        if cap is not None:
+            score = torch.tanh(score / cap) * cap
         for t, lf in terms:
             v = lf.fn(b, h, q, kv).to(score.dtype) * t.factor
             score = score - v if t.negate else score + v
@@ -1539,7 +1643,7 @@ def run(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any, report: 
             if isinstance(m.flex_plan, FlexPlan):
                 cand.info["density"] = round(m.flex_plan.density, 3)
                 if m.flex_plan.score_key:
-                    cand.info["score_mod"] = "lifted_bias"
+                    cand.info["score_mod"] = f"softcap({m.softcap})" if m.softcap is not None else "lifted_bias"
                 cand.info["kernel"] = f"{m.flex_plan.kernel}: {m.flex_plan.reason}"
             elif isinstance(m.flex_plan, str):
                 cand.info["kernel"] = f"sdpa: {m.flex_plan}"
@@ -1556,6 +1660,9 @@ def _plan_adaptive(softmax: fx.Node, m: AttentionMatch, config: Any, cand: Candi
 
     settings = adaptive.site_settings(softmax, config, root_type)
     if settings is None:
+        return
+    if m.softcap is not None:
+        cand.info["adaptive"] = "exact: soft-capped scores run as an exact Flex score_mod"
         return
     probs, out = _val(m.softmax), _val(m.out)
     qs, vs = _shape_after(m.q), _shape_after(m.v)

@@ -328,3 +328,57 @@ def test_a_float_mask_with_rows_of_no_key_has_finite_gradients_like_the_original
 
     inputs = (*_qkv(), torch.randn(1, 4, 16, 16) * 0.1, _padding(additive=False))
     _check(attn, inputs, grad_args=(0, 1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------- soft-capping
+
+
+def gemma2_softcap(q, k, v, cap: float = 20.0):
+    s = q @ k.transpose(2, 3) * E**-0.5
+    s = torch.tanh(s / cap) * cap
+    s = s + torch.triu(torch.full((16, 16), float("-inf")), 1)
+    return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["rewrite_only", "inductor"])
+def test_soft_capped_scores_run_as_a_flex_score_mod(inductor):
+    q, k, v = (torch.randn(2, 4, 16, 16) * 3 for _ in range(3))  # large scores: the cap matters
+    with torch.no_grad():
+        cap = _check(gemma2_softcap, (q, k, v), inductor=inductor)
+    info = cap.report.candidates[0].info
+    assert cap.report.candidates[0].target == "flex" and info["mask"] == "flex:causal", info
+    assert info["score_mod"] == "softcap(20.0)"
+
+
+def test_soft_capping_in_a_tiny_gemma2_with_sliding_window_layers():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
+        attn_logit_softcapping=50.0, attn_implementation="eager",
+    )
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        out, cap = compile_capture(lambda i: model(input_ids=i, use_cache=False).logits, (ids,), strict=True)
+        ref = double_copy(model)(input_ids=ids, use_cache=False).logits
+        eager = model(input_ids=ids, use_cache=False).logits
+    assert [c.info["mask"] for c in cap.report.candidates] == ["flex:sliding_window_8", "flex:causal"]
+    assert_no_worse(max_abs_err(out, ref), max_abs_err(eager, ref), "logits")
+
+
+def test_soft_capping_where_flex_cannot_run_is_refused_naming_the_tanh():
+    q, k, v = (torch.randn(2, 4, 16, 16, requires_grad=True) for _ in range(3))  # CPU training: no Flex backward
+    out, cap = compile_capture(gemma2_softcap, (q, k, v), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.status == "refused" and cand.reject is Reject.SOFTCAP_NEEDS_FLEX and "tanh" in cand.detail, cand
+    torch.testing.assert_close(out, gemma2_softcap(q, k, v))
+
+
+def test_a_tanh_that_is_not_soft_capping_is_refused_naming_it():
+    def attn(q, k, v):
+        return torch.softmax(torch.tanh(q @ k.mT / 20.0) * 10.0, -1) @ v
+
+    _, cap = compile_capture(attn, _qkv(), inductor=False, strict=True)
+    (cand,) = cap.report.candidates
+    assert cand.reject is Reject.SCORE_OP_UNSUPPORTED and "tanh" in cand.detail, cand
