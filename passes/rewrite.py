@@ -279,8 +279,9 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         out = emit(torch.where, urows, _emit_uniform_rows(emit, q, k, v, m.scale, m.enable_gqa, grad_mask), out)
     nan_rows = None
     if tables is not None and m.fixup is not None:
-        # rows of a runtime mask with no key left: the original's result, as on the dense path
-        rows = tables[4]
+        # rows of a runtime mask with no key left: the original's result, as on the dense path (with the uniform
+        # gradient above, those rows already hold mean(V), gradients included)
+        rows = None if _needs_uniform_grad(m) else tables[4]
         if m.fixup == "nan_if_all_neginf":  # an additive mask: a uniform average, or NaN where all -inf
             nan_rows = tables[5]
     if rows is not None:
