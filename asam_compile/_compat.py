@@ -298,3 +298,25 @@ def static_closures():
 
     wanted = {"assume_static_by_default": True, "specialize_float": True}
     return dynamo_config.patch(**{k: v for k, v in wanted.items() if hasattr(dynamo_config, k)})
+
+
+def register_torch_log(name: str) -> None:
+    """Make TORCH_LOGS="+<name>" reach the `name` logger (torch._logging's registry: private, 2.11 and 2.13)."""
+    from torch._logging._internal import log_registry, register_log
+
+    if name not in log_registry.log_alias_to_log_qnames:
+        register_log(name, [name])
+
+
+@contextlib.contextmanager
+def inductor_caches_off() -> Iterator[None]:
+    """Inductor's on-disk caches off inside the block (torch._inductor.config.force_disable_caches)."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+
+
+def is_erased(node: fx.Node) -> bool:
+    """Whether `node` was erased from its graph (fx.Node._erased, private; 2.11 and 2.13)."""
+    return bool(getattr(node, "_erased", False))

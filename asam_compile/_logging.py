@@ -7,10 +7,9 @@ log = logging.getLogger("asam_compile")
 
 def _register() -> None:
     try:
-        from torch._logging._internal import log_registry, register_log
+        from asam_compile import _compat
 
-        if "asam_compile" not in log_registry.log_alias_to_log_qnames:
-            register_log("asam_compile", ["asam_compile"])
+        _compat.register_torch_log("asam_compile")
     except Exception:  # noqa: BLE001 - logging registration must never break an import
         log.debug("could not register with torch._logging", exc_info=True)
 

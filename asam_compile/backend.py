@@ -206,9 +206,9 @@ def explain(model: Callable[..., Any], *args: Any, options: dict[str, Any] | Non
         return asam_backend(gm, example_inputs, options=opts)
 
     with capture() as cap, torch.no_grad():
-        torch._dynamo.reset()  # explain must see a fresh trace; see Note [explain resets Dynamo]
+        torch.compiler.reset()  # explain must see a fresh trace; see Note [explain resets Dynamo]
         torch.compile(model, backend=backend)(*args, **kwargs)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return cap.report
 
 

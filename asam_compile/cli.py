@@ -403,7 +403,7 @@ class Sweep:
         """All modes of one (model, length): build, float64 reference, each mode, then errors and speed-ups."""
         args = self.args
         rows = [self.new_row(spec.name, seq, mode) for mode in args.modes]
-        torch._dynamo.reset()
+        torch.compiler.reset()
         free(self.device)
         progress.start(f"{spec.name} seq={seq}: building")
         try:
@@ -422,7 +422,7 @@ class Sweep:
                 outputs[row["mode"]] = self.run_mode(row, spec, built, seq)
             except Exception as err:  # noqa: BLE001 - OOM, a compile error: the row says so, the sweep goes on
                 row["error"] = describe_error(err)
-            torch._dynamo.reset()
+            torch.compiler.reset()
             free(self.device)
             progress.finish(row)
         eager = outputs.get("eager")
@@ -539,7 +539,7 @@ def _inductor_warmup(device: str, dtype: torch.dtype) -> None:
         torch.compile(lambda a: torch.softmax(a @ a.mT, -1) @ a)(x)
     except Exception:  # noqa: BLE001 - the compiled rows will show the same failure
         pass
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 @contextlib.contextmanager
@@ -548,9 +548,9 @@ def _compile_caches(keep: bool) -> Iterator[None]:
     if keep:
         yield
         return
-    import torch._inductor.config
+    from asam_compile import _compat
 
-    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
+    with _compat.inductor_caches_off(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
         yield
 

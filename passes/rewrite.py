@@ -337,7 +337,7 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     work = list(nodes)
     while work:
         n = work.pop()
-        if getattr(n, "_erased", False) or n.users or not _is_pure(n):
+        if _compat.is_erased(n) or n.users or not _is_pure(n):
             continue
         inputs = n.all_input_nodes
         gm.graph.erase_node(n)
