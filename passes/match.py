@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from asam_compile import _compat
 from asam_compile.report import Candidate, GraphReport, Reject
-from asam_compile.passes.normalize import VIEW_NAMES, _is_tensor
+from asam_compile.passes.normalize import _is_tensor, may_alias_input
 
 log = logging.getLogger(__name__)
 F = torch.nn.functional
@@ -1207,11 +1207,8 @@ def _alias_roots(node: fx.Node, memo: dict[fx.Node, frozenset[fx.Node]]) -> froz
         if cur in memo:
             roots = memo[cur]
             break
-        name = cur.target if cur.op == "call_method" else getattr(cur.target, "__name__", "") if cur.op == "call_function" else ""
-        if cur.op == "call_function" and cur.target is getattr and len(cur.args) == 2:
-            name = cur.args[1]
         base = cur.args[0] if cur.args else None
-        if isinstance(base, fx.Node) and (name in VIEW_NAMES or _may_mutate(cur)):
+        if isinstance(base, fx.Node) and (may_alias_input(cur) or _may_mutate(cur)):
             chain.append(cur)
             cur = base
             continue

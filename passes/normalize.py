@@ -209,16 +209,19 @@ def _out_of_place(node: fx.Node) -> Any:
     x = node.args[0]
     if fn is None or not isinstance(x, fx.Node) or x.op not in ("call_function", "call_method") or not _is_tensor(x):
         return None
-    if _may_alias_input(x):
+    if may_alias_input(x):
         return None  # x may share storage with another tensor
-    if any(u is not node and (_may_alias_input(u) or u.target in _INPLACE_TO_FN) for u in x.users):
+    if any(u is not node and (may_alias_input(u) or u.target in _INPLACE_TO_FN) for u in x.users):
         return None  # a view of x (or another write to it) would see the write
     return fn
 
 
-def _may_alias_input(node: fx.Node) -> bool:
-    """Whether `node`'s result may share storage with an input: a view, or an in-place op (which returns it)."""
-    if node.op == "call_function" and node.target is getattr:
+def may_alias_input(node: fx.Node) -> bool:
+    """Whether `node`'s result may share storage with its first input: a view, or an in-place op (which
+    returns its input)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is getattr or node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "") if node.op == "call_function" else ""
     if getattr(node.target, "__module__", "") in ("_operator", "operator"):
