@@ -27,7 +27,7 @@ class ZooCase:
     name: str
     make_model: Callable[[], nn.Module]
     make_inputs: Callable[[], tuple]
-    expect: str  # "sdpa" or "refused"
+    expect: str  # "sdpa", "flex" (rewritten to FlexAttention) or "refused"
     is_causal: bool | None = None  # checked when not None (rewritten cases)
     enable_gqa: bool | None = None  # checked when not None (rewritten cases)
     reject: str | None = None  # the Reject member name of a refused case
@@ -649,15 +649,15 @@ class ScoresReturned(nn.Module):
 
 
 class TanhSoftcap(nn.Module):
-    """Gemma-2 logit soft-capping: tanh on the scores is neither a scale nor a mask."""
+    """Gemma-2 logit soft-capping, c * tanh(scores / c): a Flex score_mod (a near miss where `outer` != cap)."""
 
-    def __init__(self, cap: float = 5.0):
+    def __init__(self, cap: float = 5.0, outer: float | None = None):
         super().__init__()
-        self.cap = cap
+        self.cap, self.outer = cap, cap if outer is None else outer
 
     def forward(self, q, k, v):
         scores = torch.matmul(q, k.transpose(2, 3)) * 0.25
-        scores = torch.tanh(scores / self.cap) * self.cap
+        scores = torch.tanh(scores / self.cap) * self.outer
         return torch.matmul(F.softmax(scores, dim=-1), v)
 
 
@@ -779,7 +779,9 @@ ZOO: list[ZooCase] = [
     ZooCase("near_probs_pow", _m(ProbsPow), _qkv(), REFUSED, reject="PROBS_CHANGED"),
     ZooCase("near_scores_returned", _m(ScoresReturned), _qkv(), REFUSED, reject="SCORES_ESCAPE"),
     # beyond the brief's list, one per remaining Reject reason that a real model writes
-    ZooCase("near_tanh_softcap", _m(TanhSoftcap), _qkv(), REFUSED, reject="SCORE_OP_UNSUPPORTED"),
+    # Flex on the CPU runs inference only: in training the same site is refused (SOFTCAP_NEEDS_FLEX), exact
+    ZooCase("gemma2_tanh_softcap", _m(TanhSoftcap), _qkv(), "flex"),
+    ZooCase("near_tanh_not_softcap", _m(TanhSoftcap, 5.0, 4.0), _qkv(), REFUSED, reject="SCORE_OP_UNSUPPORTED"),
     ZooCase("near_masked_fill_zero", _m(MaskedFillZero), _qkv_and(lambda: ~keep_mask(per_query=True)), REFUSED,
             reject="MASK_FILL_VALUE"),
     ZooCase("near_negative_scale", _m(NegativeScale), _qkv(), REFUSED, reject="SCALE_NOT_POSITIVE"),
