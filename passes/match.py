@@ -1232,14 +1232,17 @@ def _mutated_inside(sources: list[Any], out: fx.Node, gm: fx.GraphModule, cache:
     if not srcs:
         return None
     lowest = min(order[s] for s in srcs)
-    # ancestors of `out` that come after the earliest source: the nodes on the way from the sources to out
+    # ancestors of `out` that come after the earliest source, not looking past a source: the nodes on the way
+    # from the sources to out. A read behind a source (another layer reading a shared mask, whose output is
+    # this site's q) made that source's value before this site and is not one of this site's reads.
     seen, todo = {out}, [out]
     while todo:
         n = todo.pop()
         for a in n.all_input_nodes:
             if a not in seen and order[a] >= lowest:
                 seen.add(a)
-                todo.append(a)
+                if a not in srcs:
+                    todo.append(a)
     reads = [order[u] for s in srcs for u in s.users if u in seen]
     if not reads:
         return None
