@@ -293,7 +293,7 @@ def _in_graph_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept
 
 # Note [Adaptive over a structured mask]
 # A site whose mask became a Flex block mask (a sliding window, packed documents, padding read from the run-time
-# attention_mask: Note [Runtime masks as in-graph block masks] in passes/match.py) can go adaptive too: its block
+# attention_mask: Note [Runtime masks as in-graph block masks] in passes/flex_plan.py) can go adaptive too: its block
 # tables (graph constants, or built in the graph on every call) say which key blocks each query block may see at
 # all (`allowed`) and which the mask cuts through (`partial`). The selection then runs inside them: it forces each
 # row's leading allowed blocks up to its `sinks`-th full one, its last `window` allowed blocks and the allowed ones

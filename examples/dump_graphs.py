@@ -2,7 +2,7 @@
 
 `torch.compile(model, backend="asam", options={"dump_dir": DIR})` (or `ASAM_DUMP_DIR=DIR`) writes, for each
 graph Dynamo hands to the backend, a folder `DIR/graph_NNN/` holding `00_input.py` (the graph as captured),
-one readable `.py` after each pass (`01_normalize.py`, `02_match.py`, `03_rewrite.py`) and `report.json`
+one readable `.py` after each pass (`01_normalize.py`, `02_match.py`, `03_plan.py`, `04_rewrite.py`) and `report.json`
 (every attention candidate: rewritten into what, or refused and why).
 
 The model here has two attention blocks written by hand: a causal one (nanoGPT style, tril buffer) that asam

@@ -112,7 +112,7 @@ def _const(shape: Sequence[int], dtype: torch.dtype, value: Any) -> _Value:
 class Capture:
     """A tensor a lifted function reads (a module buffer, a tensor constant), and the graph node that makes
     it. `tensor` is the real value at compile time; whoever runs the function inside a traced graph rebinds
-    it to that node's traced value (see Note [Captured tensors in Flex] in passes/match.py)."""
+    it to that node's traced value (see Note [Captured tensors in Flex] in passes/flex_plan.py)."""
 
     node: fx.Node | None
     tensor: Tensor

@@ -1,4 +1,4 @@
-"""rewrite: replace each matched attention by one scaled_dot_product_attention call.
+"""rewrite: replace each planned attention site by one SDPA, Flex or adaptive call (one emitter per target).
 
     probs = softmax(q @ k.mT * s + causal_mask, -1); out = probs @ repeat_kv(v)
       ->  out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=True)
@@ -18,8 +18,7 @@ import torch
 import torch.fx as fx
 
 from asam_compile import _compat, adaptive, runtime
-from asam_compile.passes.match import AttentionMatch, Operand, WeightsDrop
-from asam_compile.report import GraphReport
+from asam_compile.passes.ir import AttentionMatch, Operand, WeightsDrop
 
 log = logging.getLogger(__name__)
 F = torch.nn.functional
@@ -124,7 +123,7 @@ def _emit_mask(emit: _Emitter, m: AttentionMatch) -> tuple[fx.Node | None, fx.No
 #     scale/S * (dq @ (Kd^T Vd) + qd @ (dk^T Vd)) - scale * (dq . mean(Kd) + qd . mean(dk)) * mean(Vd)
 # (plus the same for the mask where it requires grad): O(S E^2) per head, no L x S scores. A masked_fill or
 # where() fill cuts the gradient of filled positions in the original, so rows removed by fills keep the plain
-# mean(V) (Note [Fully masked rows] in passes/match.py).
+# mean(V) (Note [Fully masked rows] in passes/plan.py).
 ABSORBED = -1e30  # additive values this low absorb any score in float32 and bfloat16 (finfo.min is -3.4e38)
 
 
@@ -164,7 +163,7 @@ def _emit_block_build(
     emit: _Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, builds: dict[str, list[fx.Node]]
 ) -> list[fx.Node]:
     """The in-graph block-mask build of a runtime mask (Note [Runtime masks as in-graph block masks] in
-    passes/match.py), or of any mask under dynamic shapes: one call per mask and graph, emitted before its
+    passes/flex_plan.py), or of any mask under dynamic shapes: one call per mask and graph, emitted before its
     first site; its outputs as nodes. Symbolic sizes are read from this site's q and k (size nodes)."""
     plan = m.flex_plan
     if plan.key in builds:
@@ -285,7 +284,7 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         if m.fixup == "nan_if_all_neginf":  # an additive mask: a uniform average, or NaN where all -inf
             nan_rows = tables[5]
     if rows is not None:
-        # Note [Fully masked rows] in passes/match.py
+        # Note [Fully masked rows] in passes/plan.py
         if m.fixup == "mean" or nan_rows is not None:
             v_full = _emit_operand(emit, m.v_full, m.rank, dtype)
             fill = emit("mean", v_full, -2, keepdim=True)
@@ -344,11 +343,11 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         work.extend(inputs)
 
 
-def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: GraphReport) -> int:
-    """Rewrite every match. Returns the number of SDPA calls emitted."""
+def run(gm: fx.GraphModule, ctx: Any) -> int:
+    """Rewrite every planned site (ctx.sites) and mark its candidate rewritten. Returns how many."""
     builds: dict[str, list[fx.Node]] = {}
     replaced: dict[fx.Node, fx.Node] = {}
-    for m in matches:
+    for _, m in ctx.sites:
         if isinstance(m, WeightsDrop):  # Note [nn.MultiheadAttention] in passes/match.py
             m.node.kwargs = {**m.node.kwargs, "need_weights": False}
             val = _compat.example_value(m.node)
@@ -360,6 +359,8 @@ def run(gm: fx.GraphModule, matches: list[AttentionMatch], config: Any, report: 
         m.out.replace_all_uses_with(new)
         replaced[m.out] = new
         _erase_dead(gm, m.region)
-    if matches:
-        log.debug("rewrite: %d attention sites -> sdpa", len(matches))
-    return len(matches)
+    for cand, _ in ctx.sites:
+        cand.status = "rewritten"
+    if ctx.sites:
+        log.debug("rewrite: %d attention sites", len(ctx.sites))
+    return len(ctx.sites)

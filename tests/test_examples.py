@@ -84,4 +84,4 @@ def test_dump_graphs(tmp_path):
     assert result["passed"], result["report"]
     assert (result["n_rewritten"], result["n_refused"]) == (1, 1)
     names = {p.name for p in result["files"]}
-    assert {"00_input.py", "03_rewrite.py", "report.json"} <= names, names
+    assert {"00_input.py", "04_rewrite.py", "report.json"} <= names, names

@@ -189,12 +189,12 @@ def test_hf_mistral_without_cache_reads_its_packed_sequence_vector():
 def test_liftable_masks_are_classified_without_materialising_them(monkeypatch):
     """With static shapes a liftable mask is classified from its lifted index functions in row chunks: the
     mask subgraph itself (an L x S tensor) is never run at compile time."""
-    from asam_compile.passes import match
+    from asam_compile.passes import plan
 
     def no_full_evaluation(*args, **kwargs):
         raise AssertionError("the mask subgraph was evaluated at full size")
 
-    monkeypatch.setattr(match, "_evaluate", no_full_evaluation)
+    monkeypatch.setattr(plan, "_evaluate", no_full_evaluation)
     for model, L, expect in ((HFSlidingWindow(48), 300, "flex:sliding_window_48"), (ChunkedLocal(100), 333, "flex:")):
         with torch.no_grad(), asam_compile.capture() as cap:
             torch.compile(model, backend="asam", options={"strict": True, "flex": "always", "block_size": 16})(*qkv(L))
@@ -513,12 +513,12 @@ def test_alibi_with_flex_never_is_a_dense_sdpa_mask():
 def test_mask_that_cannot_be_evaluated_keeps_dense_sdpa_with_row_fixup(monkeypatch):
     """If the compile-time mask analysis fails, the site keeps a dense SDPA mask with the run-time
     fully-masked-row fix-up (never Flex, whose empty rows would differ from the original's)."""
-    from asam_compile.passes import match
+    from asam_compile.passes import plan
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected classification failure")
 
-    monkeypatch.setattr(match, "_classify_mask", broken)
+    monkeypatch.setattr(plan, "_classify_mask", broken)
     model = HFSlidingWindow(48)
     q, k, v = qkv(300)
     with torch.no_grad(), asam_compile.capture() as cap:

@@ -1,5 +1,5 @@
 """Masks read from runtime inputs (padding, caller-given position ids) become FlexAttention block masks built
-inside the graph on every call (Note [Runtime masks as in-graph block masks] in passes/match.py)."""
+inside the graph on every call (Note [Runtime masks as in-graph block masks] in passes/flex_plan.py)."""
 
 from __future__ import annotations
 
