@@ -308,7 +308,7 @@ def _needs_uniform_grad(m: AttentionMatch) -> bool:
     """Whether rows of an additive-only mask may be removed entirely in a graph that computes gradients
     (Note [Gradients of fully masked rows])."""
     grad = bool(_compat.example_value(m.out).requires_grad)
-    return grad and m.fixup is not None and bool(m.terms) and not m.fills and m.adaptive is None and (
+    return grad and m.fixup is not None and bool(m.terms) and not m.fills and (
         m.mask_kind == "dense" or (m.mask_kind == "flex" and m.flex_plan.in_graph))
 
 

@@ -315,11 +315,12 @@ def test_gpu_adaptive_batch_two_inference_and_inside_a_padding_mask_bf16():
                 assert e < 0.05, (i, e)
 
 
-@pytest.mark.parametrize("flex", ["always", "never"])
+@pytest.mark.parametrize("flex", ["always", "never", "adaptive"])
 def test_gpu_hf_llama_left_padding_training_gradients_match_eager(flex):
     """Left padding leaves query rows with no key under HF's additive finfo.min mask: the original's gradients
     there are a uniform softmax's (Note [Gradients of fully masked rows]); the in-graph Flex block mask
-    (flex='always') and dense SDPA (flex='never') must both give them, float32 on CUDA."""
+    (flex='always'), dense SDPA (flex='never') and the adaptive call inside the padding mask (at 300 tokens its
+    window and sink keep every block, so it is exact) must all give them, float32 on CUDA."""
     from test_runtime_masks import padding, small_llama
 
     model = small_llama().cuda()
@@ -333,9 +334,12 @@ def test_gpu_hf_llama_left_padding_training_gradients_match_eager(flex):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     eager = grads(model)
+    opts = {"strict": True, "flex": "always" if flex == "adaptive" else flex}
+    if flex == "adaptive":
+        opts.update(mode="adaptive", min_seq_len=0)
     with asam_compile.capture() as cap:
-        compiled = grads(torch.compile(model, backend="asam", options={"strict": True, "flex": flex}))
-    target = "flex" if flex == "always" else "sdpa"
+        compiled = grads(torch.compile(model, backend="asam", options=opts))
+    target = {"always": "flex", "never": "sdpa", "adaptive": "adaptive"}[flex]
     assert [c.target for c in cap.report.candidates] == [target, target], candidate_summary(cap.report.candidates)
     for name, g in eager.items():
         torch.testing.assert_close(compiled[name], g, atol=1e-3, rtol=1e-2, msg=name)
