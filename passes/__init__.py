@@ -1,7 +1,8 @@
 """The graph passes of asam_compile, in pipeline order.
 
     normalize  one canonical call for each spelling of the ops attention is made of   (passes/normalize.py)
-    match      grow a candidate outward from each softmax: patterns only               (passes/match.py)
+    match      grow a candidate outward from each softmax: patterns only               (passes/match.py,
+               its operands: q, k, v in any spelling, scalars, GQA repeats              passes/operands.py)
     plan       what each site's mask is, which kernel runs it, adaptive or exact       (passes/plan.py)
     rewrite    one SDPA / Flex / adaptive call per planned site                        (passes/rewrite.py)
 

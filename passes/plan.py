@@ -29,7 +29,7 @@ from asam_compile.passes.ir import (
     LARGE_NEGATIVE, AttentionMatch, FlexPlan, Operand, Rejection, WeightsDrop, apply_steps, is_call, shape_after,
     val,
 )
-from asam_compile.passes.match import _repeat_source
+from asam_compile.passes.operands import repeat_source
 from asam_compile.report import Candidate, Reject
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def plan_site(
 def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: Any) -> tuple[Operand, Operand, bool]:
     """GQA: K/V before their heads were repeated, and enable_gqa, where the kernel takes them; else k, v, False."""
     if config.use_gqa and mask_kind in ("none", "causal", "flex") and rank == 4 and not k.steps and not v.steps:
-        rk, rv = _repeat_source(k.node), _repeat_source(v.node)
+        rk, rv = repeat_source(k.node), repeat_source(v.node)
         if rk and rv and rk[1] == rv[1] and rk[1] > 1 and val(rk[0]).shape[1] == val(rv[0]).shape[1]:
             return Operand(rk[0]), Operand(rv[0]), True
     return k, v, False
