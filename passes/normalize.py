@@ -211,6 +211,11 @@ def _out_of_place(node: fx.Node) -> Any:
         return None
     if may_alias_input(x):
         return None  # x may share storage with another tensor
+    xv = _compat.example_value(x)
+    for a in node.args[1:]:
+        av = _compat.example_value(a) if isinstance(a, fx.Node) else None
+        if isinstance(av, torch.Tensor) and av.dim() > 0 and av.dtype != xv.dtype and fn is not torch.masked_fill:
+            return None  # in place keeps x's dtype; out of place would promote
     if any(u is not node and (may_alias_input(u) or u.target in _INPLACE_TO_FN) for u in x.users):
         return None  # a view of x (or another write to it) would see the write
     return fn

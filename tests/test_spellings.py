@@ -382,3 +382,15 @@ def test_a_tanh_that_is_not_soft_capping_is_refused_naming_it():
     _, cap = compile_capture(attn, _qkv(), inductor=False, strict=True)
     (cand,) = cap.report.candidates
     assert cand.reject is Reject.SCORE_OP_UNSUPPORTED and "tanh" in cand.detail, cand
+
+
+def test_an_in_place_op_that_would_promote_out_of_place_is_left_in_place():
+    def attn(q, k, v, bias):
+        s = q @ k.mT
+        s += bias  # float64 bias: in place keeps float32, out of place would give float64
+        return torch.softmax(s * 0.3, -1) @ v
+
+    inputs = (*_qkv(), torch.randn(16, 16, dtype=torch.float64))
+    out, cap = compile_capture(attn, inputs, inductor=False, strict=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, attn(*inputs))
