@@ -187,9 +187,10 @@ def _canonical_call(fn: Any, args: tuple, kwargs: dict, node: fx.Node) -> tuple[
 # Note [In-place arithmetic on a fresh tensor]
 # Falcon scales its scores in place (`scores /= math.sqrt(d)`), older code masks them in place
 # (`scores.masked_fill_(m, -inf)`). Where the tensor written is new (made by an op that is not a view, so
-# nothing else can share its storage) and no view of it is taken, the in-place op is the out-of-place one
-# whose result every later reader of the tensor reads instead: the same kernel, the same numbers, and the
-# matcher sees one spelling.
+# nothing else can share its storage) and no view of it was taken before the write, the in-place op is the
+# out-of-place one whose result every later reader of the tensor (a view, a cast, another write) reads
+# instead: the same kernel, the same numbers, and the matcher sees one spelling (XLM's `s.masked_fill_(m,
+# -inf)` then `softmax(s.float())`).
 _INPLACE_TO_FN = {
     operator.itruediv: torch.div, operator.imul: torch.mul, operator.iadd: torch.add, operator.isub: torch.sub,
     "div_": torch.div, "mul_": torch.mul, "add_": torch.add, "sub_": torch.sub, "masked_fill_": torch.masked_fill,
@@ -198,7 +199,7 @@ _INPLACE_TO_FN = {
 }
 
 
-def _out_of_place(node: fx.Node) -> Any:
+def _out_of_place(node: fx.Node, order: dict[fx.Node, int]) -> Any:
     """The out-of-place function equal to in-place `node` (Note [In-place arithmetic on a fresh tensor]), or None."""
     if node.op not in ("call_function", "call_method") or node.kwargs or not node.args:
         return None
@@ -216,8 +217,10 @@ def _out_of_place(node: fx.Node) -> Any:
         av = _compat.example_value(a) if isinstance(a, fx.Node) else None
         if isinstance(av, torch.Tensor) and av.dim() > 0 and av.dtype != xv.dtype and fn is not torch.masked_fill:
             return None  # in place keeps x's dtype; out of place would promote
-    if any(u is not node and (may_alias_input(u) or u.target in _INPLACE_TO_FN) for u in x.users):
-        return None  # a view of x (or another write to it) would see the write
+    if any(u is not node and order[u] < order[node] and (may_alias_input(u) or u.target in _INPLACE_TO_FN)
+           for u in x.users):
+        return None  # a view of x taken before (or an earlier write to it) would see the write
+    # readers after the write, views and later writes included, read the out-of-place result instead
     return fn
 
 
@@ -239,7 +242,7 @@ def run(gm: fx.GraphModule, config: Any) -> int:
     changed = 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
-        fn = _out_of_place(node)
+        fn = _out_of_place(node, order)
         if fn is None:
             continue
         x = node.args[0]
