@@ -215,7 +215,7 @@ def _out_of_place(node: fx.Node, order: dict[fx.Node, int]) -> Any:
     xv = _compat.example_value(x)
     for a in node.args[1:]:
         av = _compat.example_value(a) if isinstance(a, fx.Node) else None
-        if isinstance(av, torch.Tensor) and av.dim() > 0 and av.dtype != xv.dtype and fn is not torch.masked_fill:
+        if isinstance(av, torch.Tensor) and av.dim() > 0 and torch.promote_types(xv.dtype, av.dtype) != xv.dtype:
             return None  # in place keeps x's dtype; out of place would promote
     if any(u is not node and order[u] < order[node] and (may_alias_input(u) or u.target in _INPLACE_TO_FN)
            for u in x.users):
