@@ -73,7 +73,7 @@ def plan_flex(
     plan, or the reason (a string) why the site keeps a dense mask."""
     from asam_compile import cost
     from asam_compile.block_mask import build_block_mask
-    from asam_compile.passes.lift import name_mask
+    from asam_compile.passes.mask_names import name_mask
 
     qv = as_4d(qv)  # a 3-D (N, L, E) site runs as (1, N, L, E): its N is Flex's head dim
     dynamic = any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape))
@@ -155,7 +155,8 @@ def plan_runtime_flex(
 ) -> FlexPlan | str:
     """Note [Runtime masks as in-graph block masks]: the plan for a mask that reads runtime inputs, or the
     reason (a string) why it keeps a dense mask."""
-    from asam_compile.passes.lift import NotLiftable, lift, name_mask
+    from asam_compile.passes.lift import NotLiftable, lift
+    from asam_compile.passes.mask_names import name_mask
 
     qv = as_4d(qv)
     if any(isinstance(d, torch.SymInt) for d in (*qv.shape, *sv.shape)):
@@ -249,7 +250,7 @@ def _plan_dynamic_flex(
 ) -> FlexPlan | str:
     """Note [Flex under dynamic shapes] in passes/plan.py: a shape-only mask in a graph that serves many lengths gets its block
     mask built in the graph on every call, for the call's sizes (the in-graph build of runtime masks)."""
-    from asam_compile.passes.lift import name_mask
+    from asam_compile.passes.mask_names import name_mask
 
     L, S = size_hint(qv.shape[2]), size_hint(qv.shape[3])
     name = name_mask(keep_fn, L, S)

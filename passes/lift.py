@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from asam_compile import _compat
+from asam_compile.passes.mask_names import name_mask, sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -1165,7 +1166,7 @@ def _name_lifted(fn: Callable[..., Tensor], value: _Value, axes: frozenset[str])
     if value.dtype == torch.bool:
         return name_mask(fn, L, S)
     # an additive mask: 0 where kept, a large negative where removed
-    q, kv = _sample_grid(L, S)
+    q, kv = sample_grid(L, S)
     zero = torch.zeros((), dtype=torch.int64)
     try:
         v = fn(zero, zero, q, kv).double()
@@ -1174,47 +1175,3 @@ def _name_lifted(fn: Callable[..., Tensor], value: _Value, axes: frozenset[str])
     except Exception:  # noqa: BLE001 - a name is not worth an error
         return "lifted_mask"
     return name_mask(lambda b, h, q_idx, kv_idx: fn(b, h, q_idx, kv_idx) == 0, L, S)
-
-
-def _sample_grid(L: int, S: int, edge: int = 64) -> tuple[Tensor, Tensor]:
-    rows = sorted({*range(min(L, edge)), *range(max(0, L - edge), L), *range(0, L, max(1, L // edge))})
-    return torch.tensor(rows)[:, None], torch.arange(S)[None, :]
-
-
-def name_mask(keep_fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], L: int, S: int) -> str:
-    """A readable name for a keep-mask (True keeps a key), judged on a sample of rows at b = h = 0.
-
-    "causal" (kv <= q), "sliding_window_W" ((kv <= q) & (kv > q - W), W < L: each query sees W keys),
-    "bidirectional_window_W" (|q - kv| <= W), "chunked_C" (q // C == kv // C), else "lifted_mask".
-    Only a name for dumps and logs, never a proof: rows between the sampled ones are not looked at.
-    """
-    if L < 1 or S < 1:
-        return "lifted_mask"
-    q, kv = _sample_grid(L, S)
-    zero = torch.zeros((), dtype=torch.int64)
-    try:
-        # a captured buffer may live on the GPU: its result then does too
-        keep = torch.as_tensor(keep_fn(zero, zero, q, kv)).to("cpu", torch.bool).expand(q.shape[0], S)
-        return _recognise(keep, q, kv, L, S)
-    except Exception:  # noqa: BLE001 - a name is not worth an error
-        return "lifted_mask"
-
-
-def _recognise(keep: Tensor, q: Tensor, kv: Tensor, L: int, S: int) -> str:
-    if bool(keep.all()):
-        return "lifted_mask"
-    causal = kv <= q
-    if torch.equal(keep, causal):
-        return "causal"
-    last = keep[-1]
-    W = int(last.sum())
-    if 0 < W < L and torch.equal(keep, causal & (kv > q - W)):
-        return f"sliding_window_{W}"
-    first = keep[0]  # the row of q = 0
-    W = int((first & (kv[0] > 0)).sum())
-    if torch.equal(keep, (q - kv).abs() <= W):
-        return f"bidirectional_window_{W}"
-    C = int(first.sum())
-    if 0 < C < max(L, S) and torch.equal(keep, q // C == kv // C):
-        return f"chunked_{C}"
-    return "lifted_mask"

@@ -14,7 +14,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from asam_compile.block_mask import build_block_mask
 from asam_compile.passes import normalize
-from asam_compile.passes.lift import Lifted, NotLiftable, lift, name_mask
+from asam_compile.passes.lift import Lifted, NotLiftable, lift
+from asam_compile.passes.mask_names import name_mask
 
 B, H, L, E = 2, 2, 24, 16
 MIN = torch.finfo(torch.float32).min
