@@ -19,18 +19,26 @@ CPU_MAX_DENSITY = 0.25
 CPU_MIN_ELEMENTS = 4096 * 4096
 
 
+def flex_unavailable(*, E: int, device_type: str, requires_grad: bool, policy: str = "auto") -> str | None:
+    """Why compiled Flex cannot (or may not) run a site here, or None. `policy` is the `flex` option."""
+    if policy == "never":
+        return "flex='never'"
+    if device_type == "cpu" and requires_grad:
+        return "compiled Flex has no backward on CPU"
+    if device_type == "cuda" and E < 16:
+        return f"Flex needs head dim >= 16 on CUDA (got {E})"
+    return None
+
+
 def choose_kernel(
     *, B: int, H: int, L: int, S: int, E: int, density: float, device_type: str, requires_grad: bool, policy: str,
     build_s: float = 0.0,
 ) -> tuple[str, str]:
     """("flex" | "sdpa", reason) for one site. `policy` is the `flex` option: "auto", "always" or "never".
     `build_s`: seconds to build the block mask on every call (masks read at run time; 0 for constant ones)."""
-    if policy == "never":
-        return "sdpa", "flex='never'"
-    if device_type == "cpu" and requires_grad:
-        return "sdpa", "compiled Flex has no backward on CPU"
-    if device_type == "cuda" and E < 16:
-        return "sdpa", f"Flex needs head dim >= 16 on CUDA (got {E})"
+    why = flex_unavailable(E=E, device_type=device_type, requires_grad=requires_grad, policy=policy)
+    if why is not None:
+        return "sdpa", why
     if policy == "always":
         return "flex", f"flex='always' (block density {density:.2f})"
     work = 4.0 * B * H * L * S * E

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from asam_compile import cost
 from asam_compile.adaptive import SparseSettings
 from asam_compile.config import SPARSE_FIELDS
 from asam_compile.sparse import settings_for
@@ -66,8 +67,4 @@ def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, d
         return f"{min(int(L), int(S))} tokens < min_seq_len={settings.min_seq_len}: sparsity does not pay"
     if E != Ev:
         return f"Flex needs equal query and value head sizes ({E} vs {Ev})"
-    if device.type == "cpu" and requires_grad:
-        return "compiled Flex has no backward on CPU"
-    if device.type == "cuda" and Ev < 16:
-        return f"Flex needs head dim >= 16 on CUDA (got {Ev})"
-    return None
+    return cost.flex_unavailable(E=Ev, device_type=device.type, requires_grad=requires_grad)

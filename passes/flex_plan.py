@@ -44,17 +44,25 @@ def lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: S
     return cache[key]
 
 
-def guarded_plan(
-    softmax: fx.Node, config: Any, dropout_p: float, qv: Any, planner: Any, *args: Any
-) -> FlexPlan | str:
-    """planner(*args), where Flex can run at all (a string says why not); a planner that raises leaves the site
-    on its dense mask (strict re-raises). `qv`: the scores' example value."""
+def _site_unavailable(config: Any, dropout_p: float, qv: Any) -> str | None:
+    """Why Flex cannot run this site whatever its mask (dropout, flex='never', 2-D), or None."""
     if dropout_p:
         return "Flex has no attention dropout"
     if config.flex == "never":
         return "flex='never'"
     if qv.dim() == 2:
         return "Flex is used for 3-D and 4-D attention only"
+    return None
+
+
+def guarded_plan(
+    softmax: fx.Node, config: Any, dropout_p: float, qv: Any, planner: Any, *args: Any
+) -> FlexPlan | str:
+    """planner(*args), where Flex can run at all (a string says why not); a planner that raises leaves the site
+    on its dense mask (strict re-raises). `qv`: the scores' example value."""
+    why = _site_unavailable(config, dropout_p, qv)
+    if why is not None:
+        return why
     try:
         return planner(*args)
     except Exception as e:  # noqa: BLE001 - Flex is an optimisation: the dense mask stays exact
@@ -326,17 +334,14 @@ def softcap_plan(
     def refuse(why: str) -> Rejection:
         return Rejection(Reject.SOFTCAP_NEEDS_FLEX, f"tanh soft-capping (c={scores.softcap}): {why}")
 
-    if dropout_p:
-        raise refuse("Flex has no attention dropout")
-    if qv.dim() == 2:
-        raise refuse("Flex is used for 3-D and 4-D attention only")
-    if stepped:
-        raise refuse("the mask is added in another layout of the scores")
-    E = sv.shape[-1]
-    kernel, why = cost.choose_kernel(B=1, H=1, L=1, S=1, E=E if isinstance(E, int) else 16, density=1.0,
-                                     device_type=sv.device.type, requires_grad=bool(val(softmax).requires_grad),
-                                     policy="never" if config.flex == "never" else "always")
-    if kernel != "flex":
+    why = _site_unavailable(config, dropout_p, qv)
+    if why is None and stepped:
+        why = "the mask is added in another layout of the scores"
+    if why is None:
+        E = sv.shape[-1]
+        why = cost.flex_unavailable(E=E if isinstance(E, int) else 16, device_type=sv.device.type,
+                                    requires_grad=bool(val(softmax).requires_grad))
+    if why is not None:
         raise refuse(why)
     if mask_kind == "flex":
         return mask_kind, flex_plan, fixup

@@ -266,7 +266,8 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
         out = _emit_flex(gm, emit, m, q, k, v, tables)
     else:
         out = emit(F.scaled_dot_product_attention, q, k, v, **kwargs)
-    if _needs_uniform_grad(m):
+    uniform = _needs_uniform_grad(m)
+    if uniform:
         # Note [Gradients of fully masked rows]: the rows an additive mask removes entirely
         if tables is not None:
             urows = tables[4]
@@ -280,7 +281,7 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
     if tables is not None and m.fixup is not None:
         # rows of a runtime mask with no key left: the original's result, as on the dense path (with the uniform
         # gradient above, those rows already hold mean(V), gradients included)
-        rows = None if _needs_uniform_grad(m) else tables[4]
+        rows = None if uniform else tables[4]
         if m.fixup == "nan_if_all_neginf":  # an additive mask: a uniform average, or NaN where all -inf
             nan_rows = tables[5]
     if rows is not None:
