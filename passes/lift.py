@@ -5,7 +5,7 @@
       ->  Lifted(fn=lambda b, h, q_idx, kv_idx: where(kv_idx <= q_idx, 0.0, finfo.min), axes={"q", "kv"})
 
 The functions are FlexAttention mask_mod material: they take index tensors of any broadcastable shapes
-(0-d tensors under vmap, broadcast grids in asam_compile.block_mask) and never materialise L x S.
+(0-d tensors under vmap, broadcast grids in asam_compile.kernels.block_mask) and never materialise L x S.
 Never mutates the graph.
 
 Dynamic shapes (torch.compile(dynamic=True)): sizes are SymInts (graph inputs such as `s0`, and entries of
@@ -398,7 +398,7 @@ _SMALL_CONSTANT = 1 << 20
 # index arithmetic (cumsum, diff), provided the value is small (at most _SMALL_CONSTANT elements, static
 # shape: per-token vectors such as (B, L), never an L x S tensor made at compile time). Their `tensor` is the
 # example's value (for the cost model's density and the name only); the rewritten graph passes the traced
-# value to an in-graph block-mask build (asam_compile.runtime.block_mask_tensors_call) on every call.
+# value to an in-graph block-mask build (asam_compile.kernels.runtime.block_mask_tensors_call) on every call.
 
 
 def _is_small(ev: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from asam_compile.passes import PassContext, StageResult
 from asam_compile.passes.alias import may_mutate
 from asam_compile.passes.ir import (
     LARGE_NEGATIVE, AttentionMatch, Fill, Rejection, Term, WeightsDrop, apply_steps, is_call, is_cast, is_number, shape_after,
@@ -447,9 +448,9 @@ def match_mha(node: fx.Node) -> WeightsDrop:
     return WeightsDrop(node)
 
 
-def run(gm: fx.GraphModule, ctx: Any) -> int:
+def run(gm: fx.GraphModule, ctx: PassContext) -> StageResult:
     """Match every softmax (and nn.MultiheadAttention call); record a Candidate for each in the report and
-    (candidate, match) in ctx.sites for the plan stage. Returns the number of matches."""
+    (candidate, match) in ctx.sites for the plan stage. Counts the matches."""
     for node in gm.graph.nodes:
         if is_call(node, F.multi_head_attention_forward):
             cand = Candidate(site=node.name, module=module_path(node), source=source_line(node), status="refused")
@@ -477,4 +478,4 @@ def run(gm: fx.GraphModule, ctx: Any) -> int:
             continue
         cand.status = "matched"  # until the plan stage says how (or refuses it), and the rewrite has run
         ctx.sites.append((cand, m))
-    return len(ctx.sites)
+    return StageResult(gm, False, len(ctx.sites))

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from asam_compile import _compat
+from asam_compile.passes import PassContext, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,8 @@ def may_alias_input(node: fx.Node) -> bool:
     return name in VIEW_NAMES or (name.endswith("_") and not name.endswith("__"))
 
 
-def run(gm: fx.GraphModule, config: Any) -> int:
-    """Rewrite every recognised spelling in place. Returns how many nodes changed."""
+def run(gm: fx.GraphModule, ctx: PassContext) -> StageResult:
+    """Rewrite every recognised spelling in place. Counts the nodes changed."""
     changed = 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
@@ -267,4 +268,4 @@ def run(gm: fx.GraphModule, config: Any) -> int:
         node.op, node.target, node.args, node.kwargs = op, target, args, kwargs
         changed += 1
     log.debug("normalize: %d nodes canonicalised", changed)
-    return changed
+    return StageResult(gm, changed > 0, changed)

@@ -3,7 +3,7 @@
     mask proven causal at compile time                 ->  mask_kind="causal"     (SDPA is_causal)
     structured mask (window, documents, run-time pad)  ->  mask_kind="flex"       (a Flex block mask, cost model)
     any other mask                                     ->  mask_kind="dense"      (SDPA attn_mask)
-    mode="adaptive" or a module marked sparse           ->  adaptive settings      (asam_compile.adaptive)
+    mode="adaptive" or a module marked sparse           ->  adaptive settings      (asam_compile.kernels.adaptive)
 
 Each plan is a copy of the match with its plan fields set (dataclasses.replace); the report's candidate gets the
 target and the reasons.
@@ -20,7 +20,9 @@ import sympy
 import torch
 import torch.fx as fx
 
+from asam_compile.config import AsamConfig
 from asam_compile import _compat
+from asam_compile.passes import PassContext, StageResult
 from asam_compile.passes.alias import mutated_inside
 from asam_compile.passes.flex_plan import (
     flex_fixup, guarded_plan, lift_cached, plan_flex, plan_runtime_flex, softcap_plan,
@@ -62,7 +64,7 @@ def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
     return ancestors(*nodes)
 
 
-def _constant_inputs_ok(anc: set[fx.Node], config: Any) -> bool:
+def _constant_inputs_ok(anc: set[fx.Node], config: AsamConfig) -> bool:
     for n in anc:
         if n.op == "placeholder":
             ev = val(n)
@@ -231,7 +233,7 @@ def _classify_mask(
 
 
 def plan_site(
-    m: AttentionMatch, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Any,
+    m: AttentionMatch, gm: fx.GraphModule, example_inputs: Sequence[Any], config: AsamConfig,
     mask_cache: dict[Any, Any] | None = None,
 ) -> AttentionMatch:
     """The match with its plan fields set: what its mask is, which kernel runs it, GQA. Raises Rejection."""
@@ -314,7 +316,7 @@ def plan_site(
                                flex_plan=flex_plan)
 
 
-def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: Any) -> tuple[Operand, Operand, bool]:
+def _gqa_operands(k: Operand, v: Operand, mask_kind: str, rank: int, config: AsamConfig) -> tuple[Operand, Operand, bool]:
     """GQA: K/V before their heads were repeated, and enable_gqa, where the kernel takes them; else k, v, False."""
     if config.use_gqa and mask_kind in ("none", "causal", "flex") and rank == 4 and not k.steps and not v.steps:
         rk, rv = repeat_source(k.node), repeat_source(v.node)
@@ -329,9 +331,9 @@ def _runtime_fixup(scores: Any) -> str | None:
     return "nan_if_all_neginf"  # an additive mask that may hold -inf rows at run time
 
 
-def run(gm: fx.GraphModule, ctx: Any) -> int:
-    """Plan every matched site (ctx.sites); a site whose plan is refused leaves ctx.sites. Returns how many
-    sites have a plan."""
+def run(gm: fx.GraphModule, ctx: PassContext) -> StageResult:
+    """Plan every matched site (ctx.sites); a site whose plan is refused leaves ctx.sites. Counts the
+    sites that have a plan."""
     mask_cache: dict[Any, Any] = {}  # layers share one mask node: evaluate it once per graph
     root = _compat.compiled_frame_module()  # for asam_compile.sparse marks on the compiled module itself
     root_type = type(root) if root is not None else None
@@ -366,14 +368,14 @@ def run(gm: fx.GraphModule, ctx: Any) -> int:
         planned.append((cand, m))
         log.debug("planned %s (%s): %s", m.softmax.name, cand.module, cand.info)
     ctx.sites[:] = planned
-    return len(planned)
+    return StageResult(gm, False, len(planned))
 
 
-def _plan_adaptive(m: AttentionMatch, config: Any, cand: Candidate, root_type: Any) -> AttentionMatch:
+def _plan_adaptive(m: AttentionMatch, config: AsamConfig, cand: Candidate, root_type: Any) -> AttentionMatch:
     """The plan, sent to adaptive sparse attention where its settings ask for it and it can run there."""
-    from asam_compile.passes import adaptive
+    from asam_compile.passes import adaptive_plan
 
-    settings = adaptive.site_settings(m.softmax, config, root_type)
+    settings = adaptive_plan.site_settings(m.softmax, config, root_type)
     if settings is None:
         return m
     if m.softcap is not None:
@@ -382,9 +384,9 @@ def _plan_adaptive(m: AttentionMatch, config: Any, cand: Candidate, root_type: A
     probs, out = val(m.softmax), val(m.out)
     qs, vs = shape_after(m.q), shape_after(m.v)
     # a mask whose Flex plan the cost model declined for the dense kernel: the adaptive call runs Flex on a
-    # subset of its blocks (Note [Adaptive over a structured mask] in asam_compile/adaptive.py)
+    # subset of its blocks (Note [Adaptive over a structured mask] in asam_compile/kernels/adaptive.py)
     to_flex = m.mask_kind == "dense" and isinstance(m.flex_plan, FlexPlan)
-    why = adaptive.refusal(m, settings, probs.shape[-2], probs.shape[-1], qs[-1], vs[-1], out.device,
+    why = adaptive_plan.refusal(m, settings, probs.shape[-2], probs.shape[-1], qs[-1], vs[-1], out.device,
                            bool(out.requires_grad), mask_kind="flex" if to_flex else m.mask_kind)
     if why is not None:
         cand.info["adaptive"] = f"exact: {why}"
@@ -395,12 +397,15 @@ def _plan_adaptive(m: AttentionMatch, config: Any, cand: Candidate, root_type: A
                                 enable_gqa=enable_gqa)
         cand.info.update(mask=f"flex:{m.flex_plan.name}", enable_gqa=m.enable_gqa,
                          kernel=f"flex: adaptive, inside the mask's blocks (alone: {m.flex_plan.kernel}, {m.flex_plan.reason})")
+    if settings.dense_fallback == "measured" and (m.mask_kind == "flex" or out.requires_grad):
+        # Note [Dispatch by measured density]: inference without a mask or with a causal one
+        settings = settings._replace(dense_fallback="none")
     m = dataclasses.replace(m, adaptive=settings)
     cand.target = "adaptive"
     cand.info["adaptive"] = (
         f"coverage={settings.coverage}, max_density={settings.max_density}, window={settings.window}, "
         f"sinks={settings.sinks}, block_size={settings.block_size}"
-        + (", dense_fallback=True" if settings.dense_fallback else "")
+        + f", dense_fallback={settings.dense_fallback}"
         + (f", estimator={settings.estimator}" if settings.estimator != "pooled" else "")
         + (f", inside the block mask of {m.flex_plan.name}" if m.mask_kind == "flex" else "")
     )

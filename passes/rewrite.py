@@ -10,6 +10,7 @@ nn_module_stack of the softmax they replace.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import operator
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asam_compile import _compat, adaptive, runtime
+from asam_compile import _compat
+from asam_compile.kernels import adaptive, dispatch, runtime
+from asam_compile.passes import PassContext, StageResult
 from asam_compile.passes.ir import AttentionMatch, Operand, WeightsDrop
 
 log = logging.getLogger(__name__)
@@ -243,25 +246,20 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
     if m.adaptive is not None:
         st = m.adaptive
         causal = m.mask_kind == "causal"
-        if m.mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/adaptive.py
+        if m.mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/kernels/adaptive.py
             nodes, _ = _emit_tables(gm, emit, m, q, k, tables)
             out = emit(
                 adaptive.adaptive_masked_call, q, k, v, *nodes, *m.flex_plan.capture_nodes, mask_key=m.flex_plan.key,
-                block_size=m.flex_plan.block_size, scale=m.scale, enable_gqa=m.enable_gqa,
-                score_key=m.flex_plan.score_key, coverage=st.coverage, max_density=st.max_density, window=st.window,
-                sinks=st.sinks,
+                scale=m.scale, enable_gqa=m.enable_gqa, score_key=m.flex_plan.score_key, settings=st,
             )
-        elif st.dense_fallback:
-            out = emit(
-                torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, st.block_size, st.coverage,
-                st.max_density, st.window, st.sinks, st.estimator,
-            )
+        elif st.dense_fallback == "per_call":
+            out = emit(torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, *adaptive.op_arguments(st))
+        elif st.dense_fallback == "measured":  # Note [Dispatch by measured density]
+            out = emit(torch.ops.asam.adaptive_dispatch.default, q, k, v, m.scale, causal,
+                       *dispatch.op_arguments(st, dispatch.new_site(m.softmax.name)))
         else:
-            out = emit(
-                adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=causal, enable_gqa=m.enable_gqa,
-                block_size=st.block_size, coverage=st.coverage, max_density=st.max_density, window=st.window,
-                sinks=st.sinks, estimator=st.estimator,
-            )
+            out = emit(adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=causal,
+                       enable_gqa=m.enable_gqa, settings=st)
     elif m.mask_kind == "flex":
         out = _emit_flex(gm, emit, m, q, k, v, tables)
     else:
@@ -313,14 +311,16 @@ def _needs_uniform_grad(m: AttentionMatch) -> bool:
         m.mask_kind == "dense" or (m.mask_kind == "flex" and m.flex_plan.in_graph))
 
 
-def _remap(m: AttentionMatch, replaced: dict[fx.Node, fx.Node]) -> None:
-    """Point the operands of a match that the rewrite of an earlier site replaced at their new nodes."""
-    for op in (m.q, m.k, m.v, m.v_full):
-        op.node = replaced.get(op.node, op.node)
-    for t in m.terms:
-        t.node = replaced.get(t.node, t.node)
-    for fl in m.fills:
-        fl.mask = replaced.get(fl.mask, fl.mask)
+def _remapped(m: AttentionMatch, replaced: dict[fx.Node, fx.Node]) -> AttentionMatch:
+    """A copy of the match whose operands that the rewrite of an earlier site replaced point at their new nodes
+    (the match itself is never changed once the match stage returns it)."""
+    def node(op: Any) -> Any:
+        return dataclasses.replace(op, node=replaced.get(op.node, op.node))
+
+    return dataclasses.replace(
+        m, q=node(m.q), k=node(m.k), v=node(m.v), v_full=node(m.v_full), terms=[node(t) for t in m.terms],
+        fills=[dataclasses.replace(fl, mask=replaced.get(fl.mask, fl.mask)) for fl in m.fills],
+    )
 
 
 def _is_pure(node: fx.Node) -> bool:
@@ -344,8 +344,8 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         work.extend(inputs)
 
 
-def run(gm: fx.GraphModule, ctx: Any) -> int:
-    """Rewrite every planned site (ctx.sites) and mark its candidate rewritten. Returns how many."""
+def run(gm: fx.GraphModule, ctx: PassContext) -> StageResult:
+    """Rewrite every planned site (ctx.sites) and mark its candidate rewritten. Counts them."""
     builds: dict[str, list[fx.Node]] = {}
     replaced: dict[fx.Node, fx.Node] = {}
     for _, m in ctx.sites:
@@ -355,7 +355,7 @@ def run(gm: fx.GraphModule, ctx: Any) -> int:
             m.node.meta["example_value"] = (val[0], None)
             continue
         if replaced:
-            _remap(m, replaced)  # one site's output is another's operand (attention chained without projection)
+            m = _remapped(m, replaced)  # one site's output is another's operand (attention chained without projection)
         new = emit_sdpa(gm, m, builds)
         m.out.replace_all_uses_with(new)
         replaced[m.out] = new
@@ -364,4 +364,4 @@ def run(gm: fx.GraphModule, ctx: Any) -> int:
         cand.status = "rewritten"
     if ctx.sites:
         log.debug("rewrite: %d attention sites", len(ctx.sites))
-    return len(ctx.sites)
+    return StageResult(gm, bool(ctx.sites), len(ctx.sites))

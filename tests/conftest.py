@@ -42,7 +42,7 @@ def no_asam_env(monkeypatch):
 # (derandomize), no example database: a failure in CI reproduces anywhere.
 # "long": ASAM_HYPOTHESIS_PROFILE=long, 5000 examples for each of the two main property tests (each test takes
 # a share of max_examples, see budget() in tests/test_properties.py), random; ASAM_HYPOTHESIS_SEED fixes the
-# seed, so that shards with different seeds cover different examples (benchmarks/hypothesis_long.py runs them).
+# seed, so that shards with different seeds cover different examples (benchmarks/tools/hypothesis_long.py runs them).
 # ASAM_HYPOTHESIS_EXAMPLES overrides max_examples of either profile.
 
 import os as _os

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import asam_compile
-from asam_compile import adaptive
-from asam_compile.adaptive import SparseSettings, select_blocks
+from asam_compile.kernels import adaptive, selection
+from asam_compile.config import SparseSettings
+from asam_compile.kernels.selection import select_blocks
 
 BS = 128
 EXACT_TOL = 2e-5  # float32, compiled Flex vs SDPA on the same blocks
@@ -128,7 +129,7 @@ def test_selection_is_per_head_and_finds_planted_blocks():
     for i in range(2, 2048 // BS):
         j = (i * 7 + 3) % (i - 1)
         assert kept[0, :, i, j].all(), f"query block {i}: planted key block {j} not kept"
-    assert adaptive.block_density(kept, allowed) < 0.6
+    assert selection.block_density(kept, allowed) < 0.6
     # a different input selects differently: the choice is per input, not fixed at compile time
     kept2, _, _ = select_blocks(*planted(H=2, L=2048, seed=1)[:2], scale=32**-0.5, causal=True, settings=st)
     assert not torch.equal(kept, kept2)
@@ -165,7 +166,7 @@ def test_block_index_tables_equal_a_stable_descending_argsort(shape, p):
     exactly what a stable descending argsort of the row gives, eager and compiled."""
     blocks = torch.rand(shape, generator=torch.Generator().manual_seed(shape[-1])) < p
     expected = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    for fn in (adaptive._indices, torch.compile(adaptive._indices, dynamic=False)):
+    for fn in (selection.block_tables, torch.compile(selection.block_tables, dynamic=False)):
         num, idx = fn(blocks)
         assert num.dtype == idx.dtype == torch.int32
         assert torch.equal(num, blocks.sum(-1, dtype=torch.int32))
@@ -196,7 +197,7 @@ def test_compiled_flex_equals_dense_reference_on_the_kept_blocks(L):
     inputs = qkv(L=L, H=4, Hkv=2)
     out, _ = compile_adaptive(CausalAttention(), inputs, coverage=0.3, max_density=1.0, window=1, sinks=1)
     st = SparseSettings(BS, 0.3, 1.0, 0, 1, 1)
-    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    ref, density = selection.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
     assert density < 0.9, density
     torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     assert (out - exact(CausalAttention(), inputs)).abs().max() > 1e-2  # it really is sparse
@@ -207,7 +208,7 @@ def test_concentrated_attention_is_accurate_at_low_density():
     model = CausalAttention()
     out, _ = compile_adaptive(model, inputs, coverage=0.95, max_density=1.0, window=1, sinks=0)
     st = SparseSettings(BS, 0.95, 1.0, 0, 1, 0)
-    _, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    _, density = selection.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
     ref = exact(model, inputs)
     err = ((out - ref).norm() / ref.norm()).item()
     # the local window alone (coverage too low to add any block) misses the planted blocks
@@ -232,14 +233,14 @@ def test_dense_fallback_runs_diffuse_pairs_in_sdpa_and_the_others_sparse():
     Flex on their kept blocks; together they equal the dense reference whose diffuse pairs keep every block."""
     inputs = mixed_heads()
     st = SparseSettings(BS, 0.8, 0.5, 0, 1, 1)
-    _, _, _, dense = adaptive._select(*inputs[:2], 32**-0.5, True, st)
+    _, _, _, dense = selection.select(*inputs[:2], scale=32**-0.5, causal=True, settings=st)
     assert dense.tolist() == [[False, False, True, True], [True, True, False, False]], dense
     out, cap = compile_adaptive(CausalAttention(), inputs, coverage=0.8, max_density=0.5, window=1, sinks=1,
                                 dense_fallback=True)
     assert [n.target for gm in cap.graphs for n in gm.graph.nodes if adaptive.is_adaptive_call(n)] == [
         torch.ops.asam.adaptive_attention.default]
-    assert cap.report.candidates[0].info["adaptive"].endswith("dense_fallback=True")
-    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    assert cap.report.candidates[0].info["adaptive"].endswith("dense_fallback=per_call")
+    ref, density = selection.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
     torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     full = exact(CausalAttention(), inputs)
     torch.testing.assert_close(out[0, 2:], full[0, 2:], atol=EXACT_TOL, rtol=1e-4)  # exact pairs
@@ -284,7 +285,7 @@ def test_exact_mode_leaves_unmarked_models_alone():
 
 def test_marked_instances_only_go_sparse_and_eager_is_unchanged():
     model = TwoBlocks()
-    inputs = qkv(L=512)
+    inputs = qkv(L=2048)  # 16 blocks: the forced ones are a third (Note [Nothing to select])
     before = exact(model, inputs)
     assert asam_compile.sparse(model.layers[1:], coverage=1.0, min_seq_len=0) is not None
     assert torch.equal(exact(model, inputs), before), "marking changed eager results"
@@ -316,7 +317,7 @@ def test_class_decorator_and_settings_override_options():
     class MarkedDefault(CausalAttention):
         pass
 
-    inputs = qkv(L=512)
+    inputs = qkv(L=2048)  # 16 blocks: the forced ones are a third (Note [Nothing to select])
     for cls, expected in ((Marked, "coverage=1.0, max_density=0.5, window=3"), (MarkedDefault, "coverage=0.8,")):
         torch._dynamo.reset()
         with asam_compile.capture() as cap, torch.no_grad():
@@ -441,7 +442,7 @@ def test_dynamic_lengths_reuse_one_sparse_graph_and_min_seq_len_guards():
             out = compiled(*inputs)
         targets.append([c.target for c in cap.report.candidates])
         if L >= 400:
-            ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=settings)
+            ref, density = selection.reference(*inputs, scale=32**-0.5, causal=True, settings=settings)
             assert density < 0.95, density
         else:
             ref = exact(CausalAttention(), inputs)
@@ -485,18 +486,18 @@ def test_projection_views_reach_cpu_flex():
 def test_sampled_estimator_is_the_block_mass_of_exact_rows(causal, chunk, monkeypatch):
     """Note [Block estimators]: the sampled mass equals the exact softmax rows at the sampled queries, summed per
     key block and averaged, whatever the chunking, with GQA and a ragged last block."""
-    monkeypatch.setattr(adaptive, "_SAMPLED_CHUNK", chunk)
+    monkeypatch.setattr(selection, "_SAMPLED_CHUNK", chunk)
     q, k, _ = qkv(L=1000, H=4, Hkv=2)
     scale = 32**-0.5
     QB = -(-1000 // BS)
     i = torch.arange(QB)
     allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(QB, QB, dtype=torch.bool)
-    mass = adaptive._sampled_mass(q, k, scale, causal, allowed, BS)
+    mass = selection.sampled_mass(q, k, scale, causal, allowed, BS)
     scores = q @ k.repeat_interleave(2, 1).transpose(-2, -1) * scale
     if causal:
         scores = scores.masked_fill(torch.ones(1000, 1000, dtype=torch.bool).triu(1), float("-inf"))
     P = F.pad(scores.softmax(-1), (0, QB * BS - 1000))
-    offsets = torch.linspace(0, BS - 1, adaptive.SAMPLED_ROWS).round().long().unique()
+    offsets = torch.linspace(0, BS - 1, selection.SAMPLED_ROWS).round().long().unique()
     for qb in (0, 3, QB - 1):
         rows = (qb * BS + offsets).clamp(max=999)
         want = P[:, :, rows].view(1, 4, len(offsets), QB, BS).sum((2, 4)) / len(offsets)
@@ -511,7 +512,7 @@ def test_sampled_estimator_end_to_end_and_its_option():
     (cand,) = cap.report.candidates
     assert cand.target == "adaptive" and "estimator=sampled" in cand.info["adaptive"], cand.info
     st = SparseSettings(BS, 0.95, 1.0, 0, 1, 0, estimator="sampled")
-    ref, density = adaptive.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
+    ref, density = selection.reference(*inputs, scale=32**-0.5, causal=True, settings=st)
     torch.testing.assert_close(out, ref, atol=EXACT_TOL, rtol=1e-4)
     assert density < 0.5, density
     with pytest.raises(ValueError, match="estimator"):
@@ -530,7 +531,7 @@ def test_inside_a_mask_sinks_count_full_blocks_and_window_the_last_allowed_ones(
     partial = torch.eye(8, dtype=torch.bool)
     allowed[:, :3] = False  # keys of blocks 0-2 are padding; block 3 is cut by it
     partial[:, 3] = allowed[:, 3]
-    kept = adaptive._select(q, k, 1.0, False, st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
+    kept = selection.select(q, k, scale=1.0, causal=False, settings=st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
     expected = torch.zeros(8, 8, dtype=torch.bool)
     for i in range(3, 8):
         expected[i, 3:5] = True  # the cut block and the first full one
@@ -538,15 +539,15 @@ def test_inside_a_mask_sinks_count_full_blocks_and_window_the_last_allowed_ones(
     expected &= allowed
     assert torch.equal(kept, expected), (kept.int(), expected.int())
     causal = torch.ones(8, 8, dtype=torch.bool).tril()
-    by_mask = adaptive._select(q, k, 1.0, False, st, blocks=(causal[None, None], torch.eye(8, dtype=torch.bool)[None, None]))
-    assert torch.equal(by_mask[0][0, 0], adaptive._select(q, k, 1.0, True, st)[0][0, 0])
+    by_mask = selection.select(q, k, scale=1.0, causal=False, settings=st, blocks=(causal[None, None], torch.eye(8, dtype=torch.bool)[None, None]))
+    assert torch.equal(by_mask[0][0, 0], selection.select(q, k, scale=1.0, causal=True, settings=st)[0][0, 0])
     # no causality (BERT-like right padding: keys of blocks 6-7 are padding, block 5 is cut): every row keeps its
     # sink, its own block and neighbour, and the last allowed blocks
     allowed = torch.zeros(8, 8, dtype=torch.bool)
     allowed[:, :6] = True
     partial = torch.zeros(8, 8, dtype=torch.bool)
     partial[:, 5] = True
-    kept = adaptive._select(q, k, 1.0, False, st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
+    kept = selection.select(q, k, scale=1.0, causal=False, settings=st, blocks=(allowed[None, None], partial[None, None]))[0][0, 0]
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:, 0] = expected[:, 4:6] = True  # the sink and the last two allowed blocks
     for i in range(8):
@@ -560,9 +561,68 @@ def test_take_keeps_the_largest_estimates_up_to_the_need_and_their_ties():
     rest = torch.tensor([[0.5, 0.1, 0.3, 0.1, 0.0]])
 
     def take(need):
-        return adaptive._take(rest, torch.tensor([[need]])).nonzero()[:, 1].tolist()
+        return selection.take_by_coverage(rest, torch.tensor([[need]])).nonzero()[:, 1].tolist()
 
     assert take(0.7) == [0, 2]  # 0.5, then 0.3 (0.5 < 0.7 before it); 0.1 follows 0.8 >= 0.7
     assert take(0.85) == [0, 1, 2, 3]  # one 0.1 is needed: its tie comes with it
     assert take(0.0) == [] and take(-1.0) == []
     assert take(5.0) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------ settings and planning
+
+
+class LocalWindow(nn.Module):
+    """Gemma-3's local layers: a causal sliding window, a bool keep-mask filled with the dtype's minimum."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        s = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
+        return F.softmax(s, -1) @ v
+
+
+def test_a_window_whose_forced_blocks_exceed_max_density_skips_the_selection():
+    """Note [Nothing to select]: a 512-token window in blocks of 128 allows at most 5 key blocks per query block
+    and the sink and window blocks are 3 of them, above max_density=0.5: the site stays exact (Flex on the
+    window's blocks), the report says why; a wide window of the same length still goes adaptive."""
+    inputs = qkv(L=2048, H=2)
+    out, cap = compile_adaptive(LocalWindow(512), inputs, block_size=128, flex="always")
+    (cand,) = cap.report.candidates
+    assert cand.target == "flex" and count_adaptive(cap.graphs) == 0, cand.info
+    assert "selection is skipped" in cand.info["adaptive"] and "max_density=0.5" in cand.info["adaptive"]
+    torch.testing.assert_close(out, exact(LocalWindow(512), inputs), atol=EXACT_TOL, rtol=1e-4)
+    _, cap = compile_adaptive(LocalWindow(1536), inputs, block_size=128, flex="always")
+    assert count_adaptive(cap.graphs) == 1, cap.report.candidates[0].info
+
+
+def test_forced_blocks_are_the_selections_own():
+    """The plan's rule reads selection.forced_blocks, which is what the selection keeps whatever the estimate:
+    with coverage too small to take any block, the kept set is exactly the forced set."""
+    st = SparseSettings(block_size=BS, coverage=1e-6, max_density=1.0, min_seq_len=0, window=2, sinks=1)
+    q, k, _ = qkv(L=1000)
+    kept = selection.select(q, k, scale=32**-0.5, causal=True, settings=st).kept
+    forced, allowed, _ = selection.forced_blocks(1000, 1000, causal=True, settings=st)
+    assert torch.equal(kept, forced.expand_as(kept))
+    assert selection.forced_density(forced, allowed) == pytest.approx(float(forced.sum() / allowed.sum()))
+
+
+def test_sparse_settings_nest_in_the_config_and_shorthands_set_one_field():
+    """AsamConfig.sparse holds the adaptive settings whole; `coverage=` is a shorthand for one field of it, and
+    `block_size=` sets the selection block and the structured masks' Flex tile together."""
+    cfg = asam_compile.AsamConfig.from_options({"coverage": 0.9, "sparse": {"window": 3}})
+    assert cfg.sparse == SparseSettings(coverage=0.9, window=3)
+    both = asam_compile.AsamConfig.from_options({"block_size": 64})
+    assert both.sparse.block_size == 64 and both.flex_block_size == 64
+    alone = asam_compile.AsamConfig.from_options({"sparse": SparseSettings(block_size=64)})
+    assert alone.sparse.block_size == 64 and alone.flex_block_size == 128
+    assert both.cache_key() != alone.cache_key()
+    with pytest.raises(ValueError, match="coverage=2"):
+        asam_compile.AsamConfig.from_options({"sparse": {"coverage": 2}})
+    with pytest.raises(ValueError, match="windw"):
+        SparseSettings.checked(windw=2)
+    assert SparseSettings().replaced(sinks=0).sinks == 0

@@ -1,4 +1,4 @@
-"""asam_compile.block_mask: block masks built in row chunks equal torch's create_block_mask, block by block."""
+"""asam_compile.kernels.block_mask: block masks built in row chunks equal torch's create_block_mask, block by block."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from asam_compile import block_mask as bmod
-from asam_compile.block_mask import build_block_mask
+from asam_compile.kernels import block_mask as bmod
+from asam_compile.kernels.block_mask import build_block_mask
 
 # One mask per factory, each with a readable __name__ (attention-gym style).
 

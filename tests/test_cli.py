@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from asam_compile import cli
+from asam_compile import bench, cli, measure
 from asam_compile.report import Candidate, GraphReport, Reject
 
 # A user's module with model factories: factory(seq=, batch=, dtype=, device=) -> (model, example_inputs).
@@ -135,7 +135,7 @@ def test_bench_builtin_llama_and_hand_edited(tmp_path):
 def test_bench_builtin_attention_adaptive(tmp_path):
     """The `attention` model (causal attention alone on planted q, k, v): the adaptive headline row of the CLI."""
     out_json = tmp_path / "rows.json"
-    status = cli.main(["bench", "--model", "attention", "--seq", "512", "--modes", "eager,asam,asam-adaptive,sdpa-edited-eager",
+    status = cli.main(["bench", "--model", "attention", "--seq", "512", "--modes", "eager,asam,asam-adaptive,sdpa-edited-eager", "-o", "block_size=32",
                        "-o", "min_seq_len=0", "--json", str(out_json), *FAST])
     assert status == 0
     m = by_mode(json.loads(out_json.read_text()))
@@ -147,7 +147,7 @@ def test_bench_builtin_attention_adaptive(tmp_path):
 
 def test_explain_prints_sites_and_adaptive_settings(capsys, tmp_path):
     out_json = tmp_path / "explain.json"
-    status = cli.main(["explain", "--model", "llama", "gpt2", "--size", "tiny", "--seq", "32", "--adaptive",
+    status = cli.main(["explain", "--model", "llama", "gpt2", "--size", "tiny", "--seq", "256", "--adaptive", "-o", "block_size=16",
                        "-o", "min_seq_len=0", "--json", str(out_json)])
     printed = capsys.readouterr().out
     assert status == 0, printed
@@ -195,10 +195,10 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [dict(dict.fromkeys(cli.ROW_KEYS), model="llama", seq=s, mode=m, speedup=x, device_name="cpu",
+    rows = [dict(dict.fromkeys(bench.ROW_KEYS), model="llama", seq=s, mode=m, speedup=x, device_name="cpu",
                  dtype="float32", batch=1, torch=torch.__version__)
             for s in (128, 256) for m, x in (("inductor", 1.0), ("asam", 1.5))]
-    cli.plot(rows, str(tmp_path / "speedup.png"))
+    bench.plot(rows, str(tmp_path / "speedup.png"))
     assert (tmp_path / "speedup.png").stat().st_size > 0
 
 
@@ -242,12 +242,12 @@ def test_summarize_rewrites_and_errors():
 
             return Report(self.reports)
 
-    text, notes = cli.summarize_rewrites(Cap())
+    text, notes = bench.summarize_rewrites(Cap())
     assert text == "2/3 (1 sdpa, 1 flex)"
     assert any("PROBS_ESCAPE" in n for n in notes) and any("min_seq_len" in n for n in notes)
     empty = Cap()
     empty.reports = []
-    assert cli.summarize_rewrites(empty) == ("no graph", [])
+    assert bench.summarize_rewrites(empty) == ("no graph", [])
 
     try:
         try:
@@ -255,4 +255,4 @@ def test_summarize_rewrites_and_errors():
         except torch.OutOfMemoryError as inner:
             raise RuntimeError("backend failed") from inner
     except RuntimeError as outer:
-        assert cli.describe_error(outer).startswith("OOM: OutOfMemoryError: CUDA out of memory")
+        assert measure.describe_error(outer).startswith("OOM: OutOfMemoryError: CUDA out of memory")

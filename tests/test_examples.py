@@ -61,7 +61,7 @@ def test_nanogpt_train():
 
 def test_adaptive_sparse_random_llama():
     pytest.importorskip("transformers")
-    result = load("adaptive_sparse").main(["--model", "llama", "--layers", "2", "--seq", "256", "--block-size", "32"])
+    result = load("adaptive_sparse").main(["--model", "llama", "--layers", "2", "--seq", "512", "--block-size", "32"])
     assert result["passed"], result["report"]
     assert (result["n_adaptive"], result["n_sdpa"]) == (1, 1), result["report"]
 

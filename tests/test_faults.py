@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 import asam_compile
+from asam_compile.passes import StageResult
 from asam_compile import AsamConfig, Reject
 from helpers import candidate_summary, compile_capture, count_sdpa, count_softmax, exception_chain
 from zoo import CustomScaleAttr, MatmulTranspose, qkv
@@ -95,7 +96,7 @@ def test_corrupting_pass_strict_reraises(monkeypatch):
         with gm.graph.inserting_after(out):
             late = gm.graph.call_function(torch.neg, (x,))
         out.args = (late,)
-        return 1
+        return StageResult(gm, True, 1)
 
     monkeypatch.setattr(module, "run", corrupting)
     with pytest.raises(Exception) as ei:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import asam_compile
-from asam_compile import runtime
+from asam_compile.kernels import runtime
 
 from helpers import count_sdpa
 

@@ -82,7 +82,7 @@ def check_adaptive_bf16_against_reference(model, opts, settings, qkv_, scale, la
     """Compile `model` with `opts`, run it in bf16 with gradients, and check that its one site went adaptive and
     that its output and the three gradients are no worse, against float64, than the same dense-masked program
     (the kept blocks as a boolean SDPA mask) run in bf16."""
-    from asam_compile.adaptive import reference, select_blocks
+    from asam_compile.kernels.selection import reference, select_blocks
 
     q, k, v = qkv_
     compiled = torch.compile(model, backend="asam", options=opts, fullgraph=True)
@@ -112,7 +112,8 @@ def check_adaptive_bf16_against_reference(model, opts, settings, qkv_, scale, la
 def test_gpu_adaptive_forward_and_backward_bf16(gqa):
     """The compiled block-sparse kernel equals dense attention restricted to the kept blocks (forward and
     gradients, bf16, judged against float64), and the selection is really sparse."""
-    from asam_compile.adaptive import SparseSettings, reference
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.selection import reference
     from test_adaptive import CausalAttention, planted
 
     q, k, v = (x.cuda() for x in planted(H=4, L=2048, E=64))
@@ -132,12 +133,13 @@ def test_gpu_adaptive_mixed_pairs_forward_and_backward_bf16():
     """Note [Adaptive attention op] (dense_fallback=True) on the GPU: diffuse (batch, head) pairs run SDPA flash, the others Flex;
     forward and the three gradients (the op's backward recomputes through both kernels) are no worse than
     the same dense-masked program in bf16, judged against float64."""
-    from asam_compile.adaptive import SparseSettings, _select
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.selection import select
     from test_adaptive import CausalAttention, mixed_heads
 
     q, k, v = (x.cuda() for x in mixed_heads(L=2048))
     settings = SparseSettings(128, 0.8, 0.5, 0, 1, 1)
-    dense = _select(q.bfloat16(), k.bfloat16(), 32**-0.5, True, settings)[3]
+    dense = select(q.bfloat16(), k.bfloat16(), scale=32**-0.5, causal=True, settings=settings)[3]
     assert dense.tolist() == [[False, False, True, True], [True, True, False, False]], dense
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 0.5, "window": 1, "sinks": 1,
             "dense_fallback": True, "strict": True}
@@ -272,7 +274,8 @@ def test_gpu_adaptive_batch_two_inference_and_inside_a_padding_mask_bf16():
     from test_adaptive import CausalAttention, planted
     from test_runtime_masks import MaskedAttention, adaptive_reference
 
-    from asam_compile.adaptive import SparseSettings, reference
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.selection import reference
 
     q, k, v = (x.cuda() for x in planted(B=2, H=4, L=2048, E=64))
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1, "sinks": 1,
@@ -343,3 +346,37 @@ def test_gpu_hf_llama_left_padding_training_gradients_match_eager(flex):
     assert [c.target for c in cap.report.candidates] == [target, target], candidate_summary(cap.report.candidates)
     for name, g in eager.items():
         torch.testing.assert_close(compiled[name], g, atol=1e-3, rtol=1e-2, msg=name)
+
+
+def test_measured_dispatch_reads_nothing_back_after_calibration():
+    """Note [Dispatch by measured density]: once a bucket is calibrated, a call launches its kernels without a
+    host synchronisation (torch.cuda.set_sync_debug_mode("error") raises on one), and the split follows the
+    densities: planted heads sparse, flat heads on SDPA, each equal to its reference."""
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels import dispatch, selection
+    from asam_compile.models import planted_qkv
+
+    q, k, v = planted_qkv(1, 2, 8192, 128, 4, "cuda", torch.bfloat16)
+    q = q.repeat_interleave(2, dim=1).clone()
+    q[:, 2:] = 0  # heads 2, 3 flat: every block keeps mass
+    site = dispatch.new_site("gpu_test")
+    args = (q, k, v, 128**-0.5, True, site, 128, 0.9, 0.5, 2, 1)
+    for _ in range(3):  # two calibration calls, then a steady one (compiles)
+        torch.ops.asam.adaptive_dispatch(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = torch.ops.asam.adaptive_dispatch(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    (bucket,) = dispatch.decisions()[site].values()
+    assert bucket["sparse"] == (0, 1), bucket
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             is_causal=True)
+    torch.testing.assert_close(out[:, 2:], exact[:, 2:], atol=2e-2, rtol=2e-2)
+    st = SparseSettings(128, 0.9, 0.5, 0, 2, 1)
+    kept = selection.select_blocks(q[:, :2], k[:, :1], scale=128**-0.5, causal=True, settings=st)[0]  # as the op
+    ref, _ = selection.reference(q[:, :2].float(), k[:, :1].float(), v[:, :1].float(), scale=128**-0.5, causal=True,
+                                 settings=st, kept=kept)
+    assert (out[:, :2].float() - ref).abs().max() < 2e-2
+    assert (out[:, :2].float() - exact[:, :2].float()).abs().max() > 1e-3, "the planted heads should run sparse"

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from asam_compile.block_mask import build_block_mask
+from asam_compile.kernels.block_mask import build_block_mask
 from asam_compile.passes import normalize
 from asam_compile.passes.lift import Lifted, NotLiftable, lift
 from asam_compile.passes.mask_names import name_mask

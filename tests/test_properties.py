@@ -8,7 +8,7 @@ rewritten graph runs as Python, which keeps an example near 0.1 s on CPU.
 
 How many examples run is the hypothesis profile's business (tests/conftest.py): "ci" by default (fixed
 examples, `derandomize=True`), "long" with `ASAM_HYPOTHESIS_PROFILE=long` (random, seed from
-`ASAM_HYPOTHESIS_SEED`; `benchmarks/hypothesis_long.py` runs it in parallel shards).
+`ASAM_HYPOTHESIS_SEED`; `benchmarks/tools/hypothesis_long.py` runs it in parallel shards).
 """
 
 from __future__ import annotations

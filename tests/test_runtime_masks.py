@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import asam_compile
-from asam_compile import runtime
-from asam_compile.block_mask import build_block_mask
+from asam_compile.kernels import runtime
+from asam_compile.kernels.block_mask import build_block_mask
 
 from helpers import count_sdpa
 
@@ -316,7 +316,7 @@ def mask_blocks(mask, bs):
 
 def adaptive_reference(model, q, k, v, keep, settings):
     """Float64 SDPA with the original mask restricted to the blocks the selection keeps inside it."""
-    from asam_compile.adaptive import select_blocks
+    from asam_compile.kernels.selection import select_blocks
 
     bs, L, S = settings.block_size, q.shape[2], k.shape[2]
     mask = model.dense_mask(keep, L, S)
@@ -336,7 +336,8 @@ def test_adaptive_inside_a_structured_mask_equals_the_dense_reference(kind):
     """Note [Adaptive over a structured mask]: the selection runs inside the mask's block mask (built in the graph
     from the run-time padding vector, or at compile time for the window) and Flex computes exactly the kept
     blocks under the original mask; rows the mask leaves empty give what eager gives (NaN here)."""
-    from asam_compile.adaptive import SparseSettings, adaptive_masked_call
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.adaptive import adaptive_masked_call
     from test_adaptive import planted
 
     q, k, v = (x[:, :, :1000].contiguous() for x in planted(B=2, H=4, L=1024))
@@ -366,7 +367,8 @@ def test_adaptive_inside_padding_pools_only_the_valid_rows():
     the first real tokens (a forced block) would take a row's whole estimated mass; the compiled selection pools
     the valid rows only, so it keeps the block the padded item's queries really attend to, and equals the float64
     reference of that selection."""
-    from asam_compile.adaptive import SparseSettings, select_blocks
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.selection import select_blocks
     from test_adaptive import planted
 
     q, k, v = (x[:, :, :1000].contiguous() for x in planted(B=2, H=4, L=1024))
@@ -406,7 +408,7 @@ def test_hf_llama_left_padding_goes_adaptive_and_full_coverage_is_exact():
     """An HF Llama with a left-padded batch in adaptive mode: both layers go adaptive inside the padding mask
     built in the graph (one build), a second call with other padding reuses the graph, and at coverage 1.0
     the result equals eager, padded rows included."""
-    from asam_compile.adaptive import adaptive_masked_call
+    from asam_compile.kernels.adaptive import adaptive_masked_call
 
     model = small_llama()
     ref_model = copy.deepcopy(model).double()
@@ -426,7 +428,7 @@ def test_hf_llama_left_padding_goes_adaptive_and_full_coverage_is_exact():
 
 @pytest.mark.parametrize("extra, needle", [
     ({"estimator": "sampled"}, "the sampled estimator takes no mask or a causal one"),
-    ({"dense_fallback": True}, "dense_fallback takes no mask or a causal one"),
+    ({"dense_fallback": True}, "dense_fallback='per_call' takes no mask or a causal one"),
     ({"flex": "never"}, "keeps a dense mask (flex='never')"),
 ])
 def test_adaptive_near_misses_inside_a_mask_stay_exact_with_the_reason(extra, needle):

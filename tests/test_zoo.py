@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 import asam_compile
 from asam_compile import Reject
+from asam_compile.kernels.adaptive import is_adaptive_call
 from helpers import (
     assert_close_to_ref,
     assert_no_worse,
@@ -82,11 +83,13 @@ def check_decision(case: ZooCase, cap) -> None:
             assert not (sdpa_arg(n, "is_causal") and sdpa_arg(n, "attn_mask") is not None), "SDPA forbids both"
         assert count_softmax(cap.graphs) == 0, f"a softmax is left in the rewritten graph\n{msg}"
         assert softmax_matmul_sites(cap.graphs) == [], msg
-    elif case.expect == "flex":
+    elif case.expect in ("flex", "adaptive"):
         for c in cands:
-            assert c.status == "rewritten" and c.target == "flex" and c.reject is None, msg
+            assert c.status == "rewritten" and c.target == case.expect and c.reject is None, msg
         assert cap.n_rewritten == case.n_sites, msg
         assert count_softmax(cap.graphs) == 0 and count_sdpa(cap.graphs) == 0, msg
+        calls = [n for g in cap.graphs for n in g.graph.nodes if n.op == "call_function" and is_adaptive_call(n)]
+        assert len(calls) == (case.n_sites if case.expect == "adaptive" else 0), msg
     else:
         assert case.expect == "refused"
         expected = Reject[case.reject]
@@ -107,7 +110,7 @@ def test_zoo_decision(case: ZooCase):
     model, inputs = case.make_model().eval(), case.make_inputs()
     with torch.no_grad():
         # inductor=False: the graph after our passes runs as Python, which keeps this test fast.
-        _, cap = compile_capture(model, inputs, inductor=False)
+        _, cap = compile_capture(model, inputs, inductor=False, **dict(case.options))
     check_decision(case, cap)
 
 
@@ -118,11 +121,11 @@ def test_zoo_numerics(case: ZooCase):
     with torch.no_grad():
         ref = double_copy(model)(*to_double(inputs))
         eager = model(*inputs)
-        out, cap = compile_capture(model, inputs)
+        out, cap = compile_capture(model, inputs, **dict(case.options))
     err_eager, err_asam = max_abs_err(eager, ref), max_abs_err(out, ref)
     assert_no_worse(err_asam, err_eager, case.name)
     assert_close_to_ref(out, ref)
-    assert cap.n_rewritten == (case.n_sites if case.expect in ("sdpa", "flex") else 0)
+    assert cap.n_rewritten == (case.n_sites if case.expect != "refused" else 0)
     if case.expect == "refused":
         # Inductor's own attention pass would rewrite some near misses wrongly (pytorch issue 196468):
         # the asam backend keeps it off the graphs it compiles.
@@ -136,7 +139,7 @@ def test_zoo_backward(case: ZooCase):
     argnums = grad_argnums(case, inputs)
     ref, weights = input_grads(double_copy(model), to_double(inputs), argnums)
     eager, _ = input_grads(model, inputs, argnums, weights)
-    compiled = torch.compile(model, backend="asam", options={"strict": True}, fullgraph=True)
+    compiled = torch.compile(model, backend="asam", options={"strict": True, **dict(case.options)}, fullgraph=True)
     with asam_compile.capture() as cap:
         grads, _ = input_grads(compiled, inputs, argnums, weights)
     # Flex has no backward on the CPU: a "flex" case is refused (and exact) in training there

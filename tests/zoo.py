@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ class ZooCase:
     name: str
     make_model: Callable[[], nn.Module]
     make_inputs: Callable[[], tuple]
-    expect: str  # "sdpa", "flex" (rewritten to FlexAttention) or "refused"
+    expect: str  # "sdpa", "flex" (rewritten to FlexAttention), "adaptive" (ASAM adaptive sparse) or "refused"
     is_causal: bool | None = None  # checked when not None (rewritten cases)
     enable_gqa: bool | None = None  # checked when not None (rewritten cases)
     reject: str | None = None  # the Reject member name of a refused case
@@ -36,6 +36,7 @@ class ZooCase:
     grad_argnums: Sequence[int] | None = None  # inputs to differentiate; None: every float input
     mask: str | None = None  # expected info["mask"] ("none" | "causal" | "dense") when not None
     scale: float | None = None  # expected info["scale"] when not None
+    options: tuple[tuple[str, Any], ...] = ()  # backend options of the case, as (name, value) pairs
 
     def __str__(self) -> str:
         return self.name
@@ -661,6 +662,21 @@ class TanhSoftcap(nn.Module):
         return torch.matmul(F.softmax(scores, dim=-1), v)
 
 
+class SlidingWindowCausal(nn.Module):
+    """Mistral-style sliding window: a bool keep-mask from index arithmetic, filled with the dtype's minimum."""
+
+    def __init__(self, window: int = 48):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        return torch.matmul(scores.softmax(-1), v)
+
+
 class MaskedFillZero(nn.Module):
     """masked_fill with 0.0: masked keys keep weight exp(0), which is not masking them out."""
 
@@ -696,6 +712,8 @@ def _qkv_and(extra: Callable[[], torch.Tensor], **kwargs) -> Callable[[], tuple]
 
 
 SDPA, REFUSED = "sdpa", "refused"
+# every eligible site adaptive, at any length, in blocks of 32, keeping all blocks (exact)
+_ADAPTIVE = (("mode", "adaptive"), ("min_seq_len", 0), ("block_size", 32), ("coverage", 1.0), ("max_density", 1.0))
 
 ZOO: list[ZooCase] = [
     # QKᵀ / PV spellings
@@ -785,6 +803,15 @@ ZOO: list[ZooCase] = [
     ZooCase("near_masked_fill_zero", _m(MaskedFillZero), _qkv_and(lambda: ~keep_mask(per_query=True)), REFUSED,
             reject="MASK_FILL_VALUE"),
     ZooCase("near_negative_scale", _m(NegativeScale), _qkv(), REFUSED, reject="SCALE_NOT_POSITIVE"),
+    # Flex and adaptive targets (inference only on the CPU: Flex has no CPU backward). The adaptive cases keep
+    # every block (coverage 1: every block with any estimated mass), so they are exact and judged like the others.
+    ZooCase("sliding_window_flex", _m(SlidingWindowCausal, 48), _qkv(L=300), "flex", n_sites=1, train_ok=False,
+            options=(("flex", "always"), ("block_size", 32))),
+    ZooCase("adaptive_causal", _m(TriuFullNegInf), _qkv(L=256), "adaptive", train_ok=False, options=_ADAPTIVE),
+    ZooCase("adaptive_gqa_causal", _m(RepeatKVCausal), _qkv(L=200, Hq=4, Hkv=2), "adaptive", train_ok=False,
+            options=_ADAPTIVE),
+    ZooCase("adaptive_sliding_window", _m(SlidingWindowCausal, 48), _qkv(L=300), "adaptive", train_ok=False,
+            options=_ADAPTIVE),
 ]
 
 ZOO_BY_NAME = {c.name: c for c in ZOO}

@@ -5,28 +5,27 @@ mode (pooled estimate, coverage, max_density rule) followed by the four block-in
 BlockMask.from_kv_blocks takes. Variants:
   argsort     the tables from a stable argsort of each row (asam_compile before 2026-11-27), the blocks chosen
               by sorting the estimates with their indices and scattering the taken ranks back
-  scatter     the tables from running counts and a scatter (asam_compile.adaptive._indices), blocks as argsort
+  scatter     the tables from running counts and a scatter (asam_compile.kernels.selection.block_tables), blocks as argsort
   threshold   scatter, and the blocks chosen by bisecting a mass threshold (16 steps) instead of sorting the
               estimates (not in asam_compile: it can keep a few more blocks at the boundary)
   values      scatter, and the blocks chosen from a sort of the estimates' values alone: the smallest value
-              the coverage rule takes becomes a threshold (asam_compile.adaptive._take since session 6; blocks
+              the coverage rule takes becomes a threshold (asam_compile.kernels.selection.take_by_coverage since session 6; blocks
               tied with the threshold are all kept)
 Printed beside them: SDPA flash, Flex alone on the selected blocks, and the whole compiled module
 (backend="asam", adaptive) as the default in-graph path runs it.
 
-    python benchmarks/bench_selection.py --seqs 16384 65536 --json selection.json
+    python benchmarks/adaptive/bench_selection.py --seqs 16384 65536 --json selection.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
 import torch
 import torch.nn.functional as F
 
-from common import bench, git_rev
+from asam_compile.measure import header_line, run_header, time_ms
 
 
 def argsort_indices(blocks):
@@ -35,7 +34,7 @@ def argsort_indices(blocks):
 
 
 def threshold_take(rest, need, steps=16):
-    """In place of adaptive._take: blocks whose estimate is at least the largest threshold t with
+    """In place of selection.take_by_coverage: blocks whose estimate is at least the largest threshold t with
     sum(rest >= t) >= need (bisection)."""
     lo = torch.zeros_like(need)
     hi = rest.amax(-1, keepdim=True)
@@ -47,7 +46,7 @@ def threshold_take(rest, need, steps=16):
 
 
 def index_take(rest, need):
-    """adaptive._take before session 6: the taken ranks scattered back through the sort's indices."""
+    """selection.take_by_coverage before session 6: the taken ranks scattered back through the sort's indices."""
     ranked, order = torch.sort(rest, dim=-1, descending=True)
     before = torch.cumsum(ranked, dim=-1) - ranked
     take = (before < need) & (ranked > 0)
@@ -58,12 +57,13 @@ TAKES = {"argsort": index_take, "scatter": index_take, "threshold": threshold_ta
 
 
 def make_selection(variant, settings, scale):
-    from asam_compile import adaptive
+    from asam_compile.kernels import selection
 
-    indices = argsort_indices if variant == "argsort" else adaptive._indices
+    indices = argsort_indices if variant == "argsort" else selection.block_tables
 
     def run(q, k):
-        kept, partial, _ = adaptive.select_blocks(q, k, scale=scale, causal=True, settings=settings)
+        kept, partial, _ = selection.select_blocks(q, k, scale=scale, causal=True, settings=settings,
+                                                   take=TAKES.get(variant))
         return (*indices(kept & partial), *indices(kept & ~partial))
 
     return run
@@ -83,49 +83,42 @@ def main() -> None:
     args = p.parse_args()
 
     import asam_compile
-    from asam_compile import adaptive
+    from asam_compile.kernels import adaptive, selection
     from asam_compile.models import CausalAttention, planted_qkv
     from torch.nn.attention.flex_attention import BlockMask
 
     dev, dtype = args.device, getattr(torch, args.dtype)
-    header = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "git": git_rev(), "heads": args.heads, "dim": args.dim,
-              "coverage": args.coverage}
-    print(header, flush=True)
+    header = run_header(dev, heads=args.heads, dim=args.dim, coverage=args.coverage)
+    print(header_line(header), flush=True)
     rows = []
-    st = adaptive.SparseSettings(128, args.coverage, 0.5, 0, 2, 1)
+    st = selection.SparseSettings(128, args.coverage, 0.5, 0, 2, 1)
     for L in args.seqs:
         q, k, v = planted_qkv(1, args.heads, L, args.dim, 4, dev, dtype)
         scale = args.dim ** -0.5
-        row = {"seq": L, "sdpa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev,
-                                       args.iters)}
+        row = {"seq": L, "sdpa": time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev,
+                                         args.iters)}
         tables = {}
         for variant in args.variants:
             fn = torch.compile(make_selection(variant, st, scale))
-            saved = adaptive._take  # the threshold variant swaps the ranking step while it is traced and timed
-            adaptive._take = TAKES.get(variant, saved)
-            try:
-                with torch.no_grad():
-                    tables[variant] = fn(q, k)
-                    row[variant] = bench(lambda: fn(q, k), dev, args.iters)
-            finally:
-                adaptive._take = saved
+            with torch.no_grad():
+                tables[variant] = fn(q, k)
+                row[variant] = time_ms(lambda: fn(q, k), dev, args.iters)
             blocks = int(tables[variant][0].sum() + tables[variant][2].sum())
             row[f"{variant}_blocks"] = blocks
         if "argsort" in tables and "scatter" in tables:
             row["scatter_equals_argsort"] = all(torch.equal(a, b) for a, b in zip(tables["argsort"], tables["scatter"]))
         t = tables[args.variants[0]]
-        bm = BlockMask.from_kv_blocks(*t, BLOCK_SIZE=128, mask_mod=adaptive._causal, seq_lengths=(L, L),
+        bm = BlockMask.from_kv_blocks(*t, BLOCK_SIZE=128, mask_mod=selection.causal_mask_mod, seq_lengths=(L, L),
                                       compute_q_blocks=False)
-        flex = adaptive._compiled("flex", dev)
+        flex = adaptive.compiled("flex", dev)
         with torch.no_grad():
-            row["flex_alone"] = bench(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters)
+            row["flex_alone"] = time_ms(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters)
             module = torch.compile(CausalAttention(), backend="asam",
                                    options={"mode": "adaptive", "coverage": args.coverage, "min_seq_len": 0})
             with asam_compile.capture() as cap:
                 module(q, k, v)
             row["fired"] = [c.target for c in cap.report.candidates]
-            row["in_graph"] = bench(lambda: module(q, k, v), dev, args.iters)
+            row["in_graph"] = time_ms(lambda: module(q, k, v), dev, args.iters)
         row["density"] = row[f"{args.variants[0]}_blocks"] / (args.heads * (L // 128) * (L // 128 + 1) / 2)
         print(row, flush=True)
         rows.append(row)

@@ -17,8 +17,8 @@ this checkout does not have yet) becomes a row with its error; the sweep goes on
 mode inside a run-time padding mask (Note [Adaptive over a structured mask]). With --pad, MiniLM's every other
 piece is cut to a quarter, so those rows are right-padded (BERT's padding mask, no causality).
 
-    python benchmarks/accuracy_adaptive.py --lengths 2048                     # the exact default only
-    python benchmarks/accuracy_adaptive.py --lengths 2048 4096 8192 \\
+    python benchmarks/adaptive/accuracy_adaptive.py --lengths 2048                     # the exact default only
+    python benchmarks/adaptive/accuracy_adaptive.py --lengths 2048 4096 8192 \\
         --options '{"mode": "adaptive", "coverage": 0.95}' --options '{"mode": "adaptive", "coverage": 0.99}' \\
         --json adaptive.json
 """
@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import math
-import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from common import git_rev
-from real_models import embed, load_minilm, load_smollm2, long_text, paragraphs, perplexity
+from asam_compile.measure import header_line, run_header
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for real_models.py (its docstring)
+from real_models import embed, load_minilm, load_smollm2, long_text, paragraphs, perplexity  # noqa: E402
 
 
 def options_label(opts: dict[str, Any]) -> str:
@@ -136,20 +138,20 @@ Rows = list[dict[str, Any]]
 
 def selection_density(model: Any, ids: torch.Tensor, L: int, opts: dict[str, Any]) -> float | None:
     """Mean block density (kept / causal blocks over layers and heads) that the adaptive selection of `opts`
-    makes on this input: one eager forward, replaying asam_compile.adaptive.select_blocks on each layer's q, k
+    makes on this input: one eager forward, replaying asam_compile.kernels.selection.select_blocks on each layer's q, k
     (as the compiled model's sites see them). None for options that send no site to adaptive sparse."""
-    from asam_compile import AsamConfig, adaptive
-    from asam_compile.config import SPARSE_FIELDS
+    from asam_compile import AsamConfig
+    from asam_compile.kernels import selection
 
     config = AsamConfig.from_options(opts)
     if config.mode != "adaptive":
         return None
-    settings = adaptive.SparseSettings(**{f: getattr(config, f) for f in SPARSE_FIELDS})
+    settings = config.sparse
     densities: list[float] = []
 
     def on_layer(idx, q, k, P, scale):
-        kept, _, allowed = adaptive.select_blocks(q[None], k[None], scale=scale, causal=True, settings=settings)
-        densities.append(adaptive.block_density(kept, allowed))
+        kept, _, allowed = selection.select_blocks(q[None], k[None], scale=scale, causal=True, settings=settings)
+        densities.append(selection.block_density(kept, allowed))
 
     from attention_profile import profiling_attention
 
@@ -243,13 +245,13 @@ def run_minilm(args: argparse.Namespace, option_sets: list[dict[str, Any]], dtyp
     return rows
 
 
-def print_tables(header: str, lm_rows: Rows, enc_rows: Rows) -> None:
+def print_tables(header: dict[str, Any], lm_rows: Rows, enc_rows: Rows) -> None:
     from tabulate import tabulate
 
     def done(r: dict[str, Any]) -> str:
         return r["error"] if "error" in r else sites_text(r.get("sites"))
 
-    print("\n" + header)
+    print("\n" + header_line(header))
     table = []
     for r in lm_rows:
         ppl = f"{r['ppl']:.4f}" if "ppl" in r else "error"
@@ -284,19 +286,10 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
 
-    import asam_compile
-    import transformers
-
     dtype = getattr(torch, args.dtype)
     option_sets = parse_options(args.options)
-    if args.device.startswith("cuda"):
-        card = torch.cuda.get_device_name()
-    else:
-        card = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    header = (f"device: {args.device} ({card}) | torch {torch.__version__} | transformers {transformers.__version__} "
-              f"| asam_compile {asam_compile.__version__} (git {git_rev()}) | {datetime.datetime.now():%Y-%m-%d %H:%M} "
-              f"| {args.dtype}")
-    print(header, flush=True)
+    header = run_header(args.device, workload=args.dtype)
+    print(header_line(header), flush=True)
 
     lm_rows = run_smollm2(args, option_sets, dtype)
     enc_rows = [] if args.no_minilm else run_minilm(args, option_sets, dtype)

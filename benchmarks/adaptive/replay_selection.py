@@ -1,7 +1,7 @@
 """How much of the true attention mass does the adaptive selection keep, layer by layer, on real SmolLM2 attention?
 
 One eager forward of SmolLM2-135M (the shipped text, float32, CPU is fine); on every layer the selection
-(asam_compile.adaptive.select_blocks, as the compiled sites run it) is replayed on that layer's q and k, and the
+(asam_compile.kernels.selection.select_blocks, as the compiled sites run it) is replayed on that layer's q and k, and the
 blocks it keeps are held against the layer's true attention probabilities. Per setting: the mean share of each
 query row's mass that its kept blocks hold ("lost" = 1 - that), the 1st percentile over query rows, and the
 block density (kept / allowed). Nothing is compiled: a quick way to compare selection rules before a perplexity
@@ -12,41 +12,39 @@ replays the selection inside that row's padding mask as adaptive_masked_call doe
 pooling (Note [Valid rows of a masked block]); only the padded row is reported then. --extra K adds, after the
 coverage rule, the K best-estimated blocks of each row (a floor; not a setting of the package).
 
-    python benchmarks/replay_selection.py --length 8192 --coverages 0.995 0.99 --extra 0 2 4
-    python benchmarks/replay_selection.py --length 2048 --block 32 --pad 500 --valid-rows both
+    python benchmarks/adaptive/replay_selection.py --length 8192 --coverages 0.995 0.99 --extra 0 2 4
+    python benchmarks/adaptive/replay_selection.py --length 2048 --block 32 --pad 500 --valid-rows both
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from typing import Any, Iterator
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from asam_compile.measure import header_line, run_header
 from bench_adaptive import mask_blocks
-from real_models import load_smollm2, long_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for real_models.py (its docstring)
+from real_models import load_smollm2, long_text  # noqa: E402
 
 
-@contextlib.contextmanager
-def extra_blocks(k: int) -> Iterator[None]:
-    """adaptive._take that also keeps each row's k best-estimated blocks."""
-    from asam_compile import adaptive
-
-    real = adaptive._take
+def extra_blocks(k: int) -> Any:
+    """A ranking rule for selection.select_blocks(take=...): take_by_coverage plus each row's k best-estimated
+    blocks (None: the package's rule)."""
+    from asam_compile.kernels.selection import take_by_coverage
 
     def take(rest: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-        kept = real(rest, need)
+        kept = take_by_coverage(rest, need)
         top = rest.topk(min(k, rest.shape[-1]), dim=-1)
         return kept | torch.zeros_like(kept).scatter(-1, top.indices, top.values > 0)
 
-    adaptive._take = take if k else real
-    try:
-        yield
-    finally:
-        adaptive._take = real
+    return take if k else None
 
 
 def main() -> None:
@@ -64,10 +62,12 @@ def main() -> None:
     p.add_argument("--json", default="")
     args = p.parse_args()
 
-    from asam_compile import adaptive
+    from asam_compile.kernels import selection
     from transformers.models.llama import modeling_llama
 
     L, bs = args.length, args.block
+    header = run_header("cpu", workload="SmolLM2-135M float32 eager")
+    print(header_line(header), flush=True)
     model, tokenizer = load_smollm2()
     ids = tokenizer(long_text(), return_tensors="pt").input_ids[0, :L]
     keep = torch.ones(1, L, dtype=torch.bool)
@@ -100,16 +100,16 @@ def main() -> None:
         real = F.pad(keep[row], (0, QB * bs - L)).view(QB, bs)[None].expand(mass.shape[:3])  # query rows that count
         del P
         for c, x, v in settings:
-            st = adaptive.SparseSettings(bs, c, args.max_density, 0, args.window, args.sinks)
+            st = selection.SparseSettings(bs, c, args.max_density, 0, args.window, args.sinks)
             diag = mask.diagonal()[None, None]
-            with extra_blocks(x):
-                kept, _, allowed = adaptive.select_blocks(q, k, scale=scaling, causal=not args.pad, settings=st,
-                                                          blocks=blocks, valid=(diag, diag) if v else None)
+            kept, _, allowed = selection.select_blocks(q, k, scale=scaling, causal=not args.pad, settings=st,
+                                                      blocks=blocks, valid=(diag, diag) if v else None,
+                                                      take=extra_blocks(x))
             held = (mass * kept[0][:, :, None, :].float()).sum(-1)[real]
             stats.setdefault(label(c, x, v), []).append({
                 "layer": module.layer_idx, "lost": float(1 - held.mean()),
                 "p01": float(held.kthvalue(max(1, held.numel() // 100)).values),
-                "density": adaptive.block_density(kept, allowed)})
+                "density": selection.block_density(kept, allowed)})
         return out, None
 
     modeling_llama.eager_attention_forward = replay
@@ -133,7 +133,7 @@ def main() -> None:
     print(tabulate(rows, headers=["setting", "lost mass %", "1st pct. of kept mass", "density", "worst layer (lost %)"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "layers": stats}, f, indent=2)
+            json.dump({"header": header, "args": vars(args), "layers": stats}, f, indent=2)
 
 
 if __name__ == "__main__":

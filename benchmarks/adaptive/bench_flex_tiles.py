@@ -4,19 +4,18 @@ On planted concentrated q, k, v (H=16, D=128, bf16, causal), the block set that 
 (coverage --coverage) becomes one BlockMask; flex_attention is then compiled once per kernel_options setting
 and timed on it, next to SDPA flash. Each setting's output is checked against the default setting's.
 
-    python benchmarks/bench_flex_tiles.py --seq 16384 --json tiles.json
+    python benchmarks/adaptive/bench_flex_tiles.py --seq 16384 --json tiles.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
 import torch
 import torch.nn.functional as F
 
-from common import bench, git_rev
+from asam_compile.measure import header_line, run_header, time_ms
 
 SETTINGS = {
     "default": {},
@@ -44,25 +43,24 @@ def main() -> None:
 
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    from asam_compile import adaptive
+    from asam_compile.kernels import selection
     from asam_compile.models import planted_qkv
 
     dev, dtype, L = args.device, getattr(torch, args.dtype), args.seq
     q, k, v = planted_qkv(1, args.heads, L, args.dim, 4, dev, dtype)
     scale = args.dim ** -0.5
-    st = adaptive.SparseSettings(128, args.coverage, 0.5, 0, 2, 1)
+    st = selection.SparseSettings(128, args.coverage, 0.5, 0, 2, 1)
     with torch.no_grad():
-        kept, partial, allowed = adaptive.select_blocks(q, k, scale=scale, causal=True, settings=st)
-        bm = BlockMask.from_kv_blocks(*adaptive._indices(kept & partial), *adaptive._indices(kept & ~partial),
-                                      BLOCK_SIZE=128, mask_mod=adaptive._causal, seq_lengths=(L, L),
+        kept, partial, allowed = selection.select_blocks(q, k, scale=scale, causal=True, settings=st)
+        bm = BlockMask.from_kv_blocks(*selection.block_tables(kept & partial), *selection.block_tables(kept & ~partial),
+                                      BLOCK_SIZE=128, mask_mod=selection.causal_mask_mod, seq_lengths=(L, L),
                                       compute_q_blocks=False)
-    result = {"header": {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "git": git_rev(),
-                         "seq": L, "heads": args.heads, "dim": args.dim, "coverage": args.coverage,
-                         "density": adaptive.block_density(kept, allowed)},
-              "sdpa_ms": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev, args.iters),
+    result = {"header": run_header(dev, seq=L, heads=args.heads, dim=args.dim, coverage=args.coverage,
+                                   density=selection.block_density(kept, allowed)),
+              "sdpa_ms": time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), dev, args.iters),
               "rows": []}
-    print(result["header"], "sdpa", result["sdpa_ms"], flush=True)
+    print(header_line(result["header"]), flush=True)
+    print("sdpa", result["sdpa_ms"], flush=True)
     ref = None
     for name in args.settings:
         row = {"setting": name, "kernel_options": SETTINGS[name]}
@@ -73,8 +71,8 @@ def main() -> None:
                 out = fn(q, k, v, block_mask=bm, scale=scale, kernel_options=dict(SETTINGS[name]))
                 ref = out if ref is None else ref
                 row["max_diff_vs_first"] = float((out.float() - ref.float()).abs().max())
-                row["ms"] = bench(lambda: fn(q, k, v, block_mask=bm, scale=scale,
-                                             kernel_options=dict(SETTINGS[name])), dev, args.iters)
+                row["ms"] = time_ms(lambda: fn(q, k, v, block_mask=bm, scale=scale,
+                                               kernel_options=dict(SETTINGS[name])), dev, args.iters)
                 row["speedup_vs_sdpa"] = result["sdpa_ms"] / row["ms"]
         except Exception as e:  # a setting this GPU or torch cannot compile: recorded, the sweep goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

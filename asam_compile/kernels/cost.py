@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Calibration: benchmarks/calibrate_cost.py on an H100 80GB (torch 2.11, bf16, B=1, H=16, D=128, 2k-32k tokens,
+# Calibration: benchmarks/exact/calibrate_cost.py on an H100 80GB (torch 2.11, bf16, B=1, H=16, D=128, 2k-32k tokens,
 # windows 256-4096 and causal; 2026-11-26, benchmarks/results/2026-11-26_h100_calibrate_cost.json). Fitted:
 # SDPA flash 549 TFLOP/s; Flex at 0.68x of that on the blocks it computes, plus 27 us a call; SDPA with a
 # dense L x S mask (what a mask that is neither causal nor absent gets; cuDNN picks it up) at 0.52x of flash
@@ -17,6 +17,21 @@ HBM_BYTES_PER_S = 3.0e12
 # only where it skips at least three quarters of the blocks of a long sequence.
 CPU_MAX_DENSITY = 0.25
 CPU_MIN_ELEMENTS = 4096 * 4096
+
+# The adaptive call's speed per kept block relative to SDPA flash, by head dim (issue 16; benchmarks/RESULTS.md,
+# session 8): Flex at D <= 128 as above; at D = 256 (Gemma-3) it ran the whole causal attention of a 16k layer in
+# about 2.0 ms where flash took 0.93 ms on an H200, 0.46x. A head pays sparse when its density is below this
+# ratio times SPARSE_MARGIN (the selection and the call's launches take the rest).
+SPARSE_BLOCK_SPEED = {64: FLEX_SPEED, 128: FLEX_SPEED, 256: 0.46}
+SPARSE_MARGIN = 0.9
+
+
+def sparse_pays_below(E: int, device_type: str) -> float:
+    """The density below which a head is faster run sparse than by SDPA (Note [Dispatch by measured density])."""
+    if device_type != "cuda":
+        return 1.0  # not timed on CPU: max_density decides alone
+    speed = SPARSE_BLOCK_SPEED.get(E, SPARSE_BLOCK_SPEED[256] if E > 128 else FLEX_SPEED)
+    return speed * SPARSE_MARGIN
 
 
 def flex_unavailable(*, E: int, device_type: str, requires_grad: bool, policy: str = "auto") -> str | None:

@@ -91,13 +91,13 @@ def block_mask_tensors_call(
 
     Note [Runtime masks as in-graph block masks] in passes/flex_plan.py. Returns (kv_num_blocks, kv_indices,
     full_kv_num_blocks, full_kv_indices, empty_rows[, neginf_rows]): block tables classified as torch's
-    create_block_mask does (Note [Block classification] in asam_compile/block_mask.py), and bool
+    create_block_mask does (Note [Block classification] in asam_compile/kernels/block_mask.py), and bool
     (B', H', L, 1) rows with no key kept (and rows whose additive mask is all -inf, with neginf_key).
     Inductor traces it: the mask elements feed reductions and are never stored. With full_batch_heads (B, H),
     the tables come out expanded to it through asam::block_tables (Note [Block tables leave the graph through
     an opaque op]).
     """
-    from asam_compile.block_mask import _dense_to_ordered
+    from asam_compile.kernels.block_mask import _dense_to_ordered
 
     Bm, Hm = batch_heads
     L, S = seq_lengths

@@ -11,7 +11,9 @@ Inputs (--inputs):
   planted  every query block of every head attends strongly to `--hits` random earlier key blocks
            (concentrated attention, as real deep layers show; random q/k alone give uniform attention)
   random   plain Gaussian q, k, v: diffuse attention, the worst case (heads fall back to dense)
---fallback adds rows for dense_fallback=True (Note [Adaptive attention op]).
+--fallbacks: the dense_fallback values to time ("measured", the default: per head SDPA or adaptive by measured
+density, Note [Dispatch by measured density]; "none": all heads in one in-graph Flex call; "per_call": a host sync
+per call, Note [Adaptive attention op]). For "measured" the `split` column lists the heads that run sparse.
 --mask padding / window: the same attention under a structured mask that asam turns into a Flex block mask, with
 the adaptive selection inside it (Note [Adaptive over a structured mask]): "padding" is a batch of two, the second
 row left-padded by --pad tokens (a key padding vector read at run time, as HF builds it); "window" a causal sliding
@@ -20,16 +22,15 @@ measured on the unpadded query rows, and the density is kept / allowed blocks of
 --train times forward + backward (of a fixed random output gradient) instead of the forward alone; the error
 column is then the relative error of the q gradient against float32 SDPA's.
   FILE.pt  a dict {"q", "k", "v"} of (B, H, L, D) tensors saved from a real model (see --help of
-           benchmarks/attention_profile.py); lengths are cut to each --seqs entry
+           benchmarks/tools/dump_qkv.py); lengths are cut to each --seqs entry
 
-    python benchmarks/bench_adaptive.py --seqs 16384 32768 65536 --json adaptive.json
-    python benchmarks/bench_adaptive.py --device cpu --dtype float32 --seqs 1024 --heads 2 --dim 32
+    python benchmarks/adaptive/bench_adaptive.py --seqs 16384 32768 65536 --json adaptive.json
+    python benchmarks/adaptive/bench_adaptive.py --device cpu --dtype float32 --seqs 1024 --heads 2 --dim 32
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asam_compile.measure import header_line, run_header, time_ms
 from asam_compile.models import CausalAttention, planted_qkv
-from common import bench, git_rev
 
 
 def make_inputs(args, L, device, dtype):
@@ -98,8 +99,8 @@ def main() -> None:
     p.add_argument("--max-density", type=float, default=0.5)
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--sinks", type=int, default=1)
-    p.add_argument("--fallback", action="store_true",
-                   help="also time dense_fallback=True (diffuse pairs on SDPA flash, chosen per call in an op)")
+    p.add_argument("--fallbacks", nargs="+", default=["measured"], choices=["measured", "none", "per_call"],
+                   help="dense_fallback values to time (see above)")
     p.add_argument("--train", action="store_true", help="time forward + backward")
     p.add_argument("--mask", default="causal", choices=["causal", "padding", "window"])
     p.add_argument("--pad", type=int, default=1000, help="--mask padding: left padding of the second row")
@@ -111,18 +112,17 @@ def main() -> None:
     args = p.parse_args()
 
     import asam_compile
-    from asam_compile.adaptive import SparseSettings, block_density, select_blocks
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels import dispatch
+    from asam_compile.kernels.selection import block_density, select_blocks
     from tabulate import tabulate
 
     dev, dtype = args.device, getattr(torch, args.dtype)
-    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    header = {
-        "device": card, "torch": torch.__version__, "date": datetime.date.today().isoformat(), "git": git_rev(),
-        "inputs": args.inputs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype, "train": args.train,
-        "mask": args.mask, "pad": args.pad if args.mask == "padding" else None,
-        "window_tokens": args.window_tokens if args.mask == "window" else None,
-    }
-    print(header, flush=True)
+    header = run_header(
+        dev, inputs=args.inputs, heads=args.heads, dim=args.dim, dtype=args.dtype, train=args.train, mask=args.mask,
+        pad=args.pad if args.mask == "padding" else None,
+        window_tokens=args.window_tokens if args.mask == "window" else None)
+    print(header_line(header), flush=True)
     rows = []
     model = CausalAttention() if args.mask == "causal" else MaskedCausal(args.mask, args.window_tokens)
     for L in args.seqs:
@@ -162,14 +162,14 @@ def main() -> None:
             exact32 = result(sdpa, (q32, k32, v32)).detach()
             del q32, k32, v32
             floor = rel_err(result(sdpa, (q, k, v)), exact32)
-        ms_flash = bench(lambda: step(sdpa), dev, args.iters)
+        ms_flash = time_ms(lambda: step(sdpa), dev, args.iters)
         base = "sdpa-flash" if dense_mask is None else "sdpa-mask"  # SDPA with a boolean mask: no flash
         rows.append({"seq": L, "mode": base, "ms": ms_flash, "density": 1.0, "rel_err": floor, "fired": "-"})
         runs = [("asam-exact", {})] + [
-            (f"adaptive{'+fallback' if fb else ''} c={c}",
+            (f"adaptive[{fb}] c={c}",
              {"mode": "adaptive", "coverage": c, "max_density": args.max_density, "window": args.window,
               "sinks": args.sinks, "min_seq_len": 0, "dense_fallback": fb})
-            for c in args.coverages for fb in ([False, True] if args.fallback else [False])
+            for c in args.coverages for fb in args.fallbacks
         ]
         for name, opts in runs:
             torch._dynamo.reset()
@@ -192,9 +192,15 @@ def main() -> None:
                                                  settings=st, blocks=blocks, valid=valid)
                 density = block_density(kept, allowed)
                 del kept, allowed
-            ms = bench(lambda: step(fn), dev, args.iters)
+            ms = time_ms(lambda: step(fn), dev, args.iters)
+            split = ""
+            if opts.get("dense_fallback") == "measured":  # after the timed calls: the split they ran
+                for site in dispatch.decisions().values():
+                    split += ";".join(f"{b}: sparse {d['sparse']} of {[round(x, 2) for x in d['density']]}"
+                                      for b, d in site.items())
+                dispatch.reset()
             rows.append({"seq": L, "mode": name, "ms": ms, "density": density, "rel_err": rel_err(out, exact32),
-                         "fired": fired, "compile_s": compile_s})
+                         "fired": fired, "compile_s": compile_s, "split": split})
             del out
         for r in rows:
             if r["seq"] == L:

@@ -1,4 +1,4 @@
-"""What do the constants of asam_compile/cost.py measure on this card? A calibration sweep of the kernels that the
+"""What do the constants of asam_compile/kernels/cost.py measure on this card? A calibration sweep of the kernels that the
 cost model chooses between: SDPA with a dense mask and Flex on a block mask, beside SDPA flash.
 
 Attention alone, B=1, H=16, D=128, bf16, for each length L (one run, one device):
@@ -21,8 +21,8 @@ per length and over all lengths (FLEX_OVERHEAD_S, FLEX_SPEED; fitted on relative
 below which Flex beats masked SDPA (and causal flash) at each L; and, for every (L, window), which kernel won,
 what cost.choose_kernel picks now, and what it would pick with the fitted constants.
 
-    python benchmarks/calibrate_cost.py --json calib.json                 # on a GPU, about 2-3 minutes
-    python benchmarks/calibrate_cost.py --device cpu --seqs 256 512 --heads 2 --dim 32 --windows 64 128 \
+    python benchmarks/exact/calibrate_cost.py --json calib.json                 # on a GPU, about 2-3 minutes
+    python benchmarks/exact/calibrate_cost.py --device cpu --seqs 256 512 --heads 2 --dim 32 --windows 64 128 \
         --probe-window 64 --block-size 64 --dtype float32                 # a smoke run
 """
 
@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import bench, free, git_rev, is_oom, sync
+from asam_compile.measure import free, header_line, is_oom, run_header, sync, time_ms
 
 _T0 = time.perf_counter()
 
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128, help="BlockMask block size (asam's default is 128)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=int, default=5, help="timed calls on CPU (on a GPU do_bench decides)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls (median), after 2 warm-up calls")
     p.add_argument("--math-max-len", type=int, default=16384, help="time SDPA's math backend only up to here")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -90,22 +90,14 @@ def main() -> None:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     try:
-        from asam_compile import cost
-    except Exception as e:  # noqa: BLE001 - the sweep itself does not need the package
+        from asam_compile.kernels import cost
+    except Exception as e:  # noqa: BLE001 - the sweep itself does not need the cost model
         cost = None
-        print(f"asam_compile.cost not importable ({type(e).__name__}: {e}); no cost-model comparison", flush=True)
-    try:
-        import asam_compile
-
-        pkg = f"asam_compile {asam_compile.__version__} ({git_rev()})"
-    except Exception:  # noqa: BLE001
-        pkg = f"asam_compile ? ({git_rev()})"
+        print(f"asam_compile.kernels.cost not importable ({type(e).__name__}: {e}); no cost-model comparison", flush=True)
 
     dev, dtype, H, D, bs = args.device, getattr(torch, args.dtype), args.heads, args.dim, args.block_size
-    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    header = (f"device: {card} | torch {torch.__version__} | {pkg} | {datetime.date.today()} | "
-              f"attention alone B=1 H={H} D={D} {args.dtype}, block size {bs}")
-    print(header, flush=True)
+    header = run_header(dev, workload=f"attention alone B=1 H={H} D={D} {args.dtype}, block size {bs}")
+    print(header_line(header), flush=True)
     out: dict = {"header": header, "args": vars(args), "rows": [], "per_len": [], "fit": {}, "decisions": []}
 
     def dump() -> None:
@@ -133,7 +125,7 @@ def main() -> None:
                 row["first_s"] = time.perf_counter() - t
                 if ref is not None and isinstance(res, torch.Tensor):
                     row["max_err"] = (res.float() - ref.float()).abs().max().item()
-                row["ms"] = bench(fn, dev, args.iters, warmup_ms=25, rep_ms=100)
+                row["ms"] = time_ms(fn, dev, args.iters)
             row["tflops"] = work / (row["ms"] * 1e-3) / 1e12
         except Exception as e:  # noqa: BLE001 - an unsupported backend or an OOM is a row; the sweep goes on
             row["note"] = ("OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:110] if str(e) else ''}")
@@ -319,7 +311,7 @@ def main() -> None:
     dump()
 
     log("done")
-    print(header)
+    print(header_line(header))
 
     def f(x, spec=".3f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -337,7 +329,7 @@ def main() -> None:
                    headers=["L", "flash TFLOP/s", "masked SDPA backend", "masked SDPA speed", "additive mask speed", "compiled additive speed",
                             "Flex speed", "Flex overhead ms", "Flex ns/unit", "flash ns/unit", "crossover d vs masked SDPA",
                             "crossover d vs causal flash", "cost.py crossover d now"]))
-    print("\nfitted constants for asam_compile/cost.py (current values in brackets):")
+    print("\nfitted constants for asam_compile/kernels/cost.py (current values in brackets):")
     for key, val in fit.items():
         cur = out.get("current", {}).get(key)
         print(f"  {key} = {val:.4g}" + (f"   [{cur:.4g}]" if isinstance(cur, (int, float)) else ""))

@@ -7,14 +7,13 @@ the scores). Side by side, one run, one device: the module under plain torch.com
 backend="asam", the hand edit to SDPA with the dense window mask, hand-written Flex with a compiled
 create_block_mask, and SDPA flash with plain causal attention (what a dense kernel costs at that length).
 
-    python benchmarks/bench_swa.py --seqs 16384 32768 65536 --json swa.json
-    python benchmarks/bench_swa.py --device cpu --seqs 512 --heads 2 --dim 16 --window 64 --dtype float32
+    python benchmarks/exact/bench_swa.py --seqs 16384 32768 65536 --json swa.json
+    python benchmarks/exact/bench_swa.py --device cpu --seqs 512 --heads 2 --dim 16 --window 64 --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import bench
+from asam_compile.measure import header_line, run_header, time_ms
 
 
 class EagerSlidingWindowAttention(nn.Module):
@@ -69,10 +68,8 @@ def main() -> None:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev, dtype, W = args.device, getattr(torch, args.dtype), args.window
-    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    header = (f"device: {card} | torch {torch.__version__} | asam_compile {asam_compile.__version__} | {datetime.date.today()} | "
-              f"attention alone B=1 H={args.heads} D={args.dim} {args.dtype} sliding window {W}")
-    print(header, flush=True)
+    header = run_header(dev, workload=f"attention alone B=1 H={args.heads} D={args.dim} {args.dtype} sliding window {W}")
+    print(header_line(header), flush=True)
     module = EagerSlidingWindowAttention(W)
     flex_c = torch.compile(flex_attention)
     cbm = torch.compile(create_block_mask)
@@ -123,7 +120,7 @@ def main() -> None:
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
-                    ms = bench(lambda: fn(q, k, v), dev, args.iters, warmup_ms=50)
+                    ms = time_ms(lambda: fn(q, k, v), dev, args.iters)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append(dict(seq=L, mode=mode, ms=ms, compile_s=first, max_err=err, peak_gib=peak, rewritten=fired, kernel=kernel))
             except Exception as e:  # noqa: BLE001 - a failing configuration is a row; the sweep goes on
@@ -138,7 +135,7 @@ def main() -> None:
             if r["seq"] == L:
                 r["x_vs_dense_flash"] = flash / r["ms"] if r["ms"] == r["ms"] else float("nan")
                 r["vs_handwritten_flex"] = r["ms"] / flex if r["ms"] == r["ms"] else float("nan")
-    print(header)
+    print(header_line(header))
     print(tabulate([[r["seq"], r["mode"], f"{r['ms']:.3f}", f"{r['x_vs_dense_flash']:.2f}x", f"{r['vs_handwritten_flex']:.2f}",
                      f"{r['compile_s']:.1f}", f"{r['max_err']:.3g}", f"{r['peak_gib']:.2f}", r["rewritten"], r["kernel"]] for r in rows],
                    headers=["seq", "mode", "ms", "speed-up vs dense causal flash", "time / hand-written Flex", "first call s",

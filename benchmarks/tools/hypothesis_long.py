@@ -6,10 +6,10 @@ ASAM_HYPOTHESIS_SEED (base seed + shard number) and one torch thread. `--example
 max_examples summed over shards (each test runs its share of it: half for the two main tests, see budget() in
 tests/test_properties.py). With `--minutes`, every shard starts new rounds (new seeds) until the time is up.
 
-    python benchmarks/hypothesis_long.py                         # 1 shard: 5000 examples per main test
-    python benchmarks/hypothesis_long.py --shards 16             # the same 5000, spread over 16 cores
-    python benchmarks/hypothesis_long.py --shards 16 --minutes 30   # 16 cores, new seeds until 30 min are up
-    python benchmarks/hypothesis_long.py --examples 4000 --minutes 55 --nice 10   # what ran on a 2-core CPU
+    python benchmarks/tools/hypothesis_long.py                         # 1 shard: 5000 examples per main test
+    python benchmarks/tools/hypothesis_long.py --shards 16             # the same 5000, spread over 16 cores
+    python benchmarks/tools/hypothesis_long.py --shards 16 --minutes 30   # 16 cores, new seeds until 30 min are up
+    python benchmarks/tools/hypothesis_long.py --examples 4000 --minutes 55 --nice 10   # what ran on a 2-core CPU
 
 Exit status 1 if any example failed; each shard's full pytest output is kept in --log-dir.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: pytest runs there
 STATS = re.compile(r"(\d+) passing, (\d+) failing, and (\d+) invalid")
 TEST_LINE = re.compile(r"^(\S+::\S+):\s*$")
 
@@ -92,16 +91,16 @@ def main() -> int:
     p.add_argument("tests", nargs="*", default=["tests/test_properties.py"])
     args = p.parse_args()
 
-    import torch  # only for the header
+    from asam_compile.measure import header_line, run_header  # the shards import torch themselves
 
     seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
     per_shard = math.ceil(args.examples / args.shards)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     began = time.time()
-    print(f"# hypothesis long profile: {datetime.datetime.now().isoformat(timespec='seconds')}, torch "
-          f"{torch.__version__}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.shards} shard(s), "
-          f"max_examples {per_shard} per shard per round, base seed {seed}"
-          + (f", {args.minutes:g} minutes" if args.minutes else ""), flush=True)
+    workload = (f"hypothesis long profile: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.shards} "
+                f"shard(s), max_examples {per_shard} per shard per round, base seed {seed}"
+                + (f", {args.minutes:g} minutes" if args.minutes else ""))
+    print("# " + header_line(run_header("cpu", workload=workload)), flush=True)
 
     rounds: list[Round] = []
     running: dict[int, tuple[subprocess.Popen, int, float, Path]] = {}

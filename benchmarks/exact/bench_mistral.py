@@ -24,8 +24,8 @@ Correctness before timing, at --ref-len (default 4096, longer than the window so
 them, how far a causal-only float64 run is from the windowed one (what ignoring the window would cost). At the
 timed lengths every mode's last-token logits are compared with those of --delta-ref (sdpa-eager).
 
-    python benchmarks/bench_mistral.py --json mistral.json                        # on a GPU, about 6 minutes
-    python benchmarks/bench_mistral.py --device cpu --dtype float32 --seqs 256 --layers 1 --hidden 128 \
+    python benchmarks/exact/bench_mistral.py --json mistral.json                        # on a GPU, about 6 minutes
+    python benchmarks/exact/bench_mistral.py --device cpu --dtype float32 --seqs 256 --layers 1 --hidden 128 \
         --heads 4 --kv-heads 2 --window 64 --ref-len 256 --vocab 1000 --asam-flex always   # a smoke run
 """
 
@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from common import bench, free, git_rev, is_oom, sync
+from asam_compile.measure import free, header_line, is_oom, run_header, sync, time_ms
 
 HAND_FLEX = "bench_hand_flex"  # the AttentionInterface key of the hand-written Flex attention
 BLOCK_MASKS: dict[tuple[int, int], object] = {}  # (L, S) -> BlockMask, filled before the model is compiled
@@ -96,24 +96,17 @@ def build(args, attn: str):
 
 
 def measure(fn, dev: str, iters: int, slow_ms: float) -> tuple[float, str]:
-    """Median ms of fn() and how it was timed. Calls slower than slow_ms get 3 event-timed calls instead of
-    do_bench's estimate + warm-up + repeat rounds (at 64k a dense-mask forward takes about a second)."""
+    """Median ms of fn() and how it was timed. Calls slower than slow_ms get 3 timed calls and no warm-up
+    instead of `iters` after warm-up (at 64k a dense-mask forward takes about a second)."""
     sync(dev)
     t = time.perf_counter()
     fn()
     sync(dev)
     once = (time.perf_counter() - t) * 1e3
+    clock = "cuda events" if dev == "cuda" else "host clock"
     if dev == "cuda" and once > slow_ms:
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[1], "cuda events, median of 3"
-    return bench(fn, dev, iters, warmup_ms=25, rep_ms=100), ("do_bench median" if dev == "cuda" else f"host clock, median of {iters}")
+        return time_ms(fn, dev, 3, warmup=0), f"{clock}, median of 3"
+    return time_ms(fn, dev, iters), f"{clock}, median of {iters}"
 
 
 def summarize_asam(cap) -> tuple[str, str, dict]:
@@ -156,7 +149,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=int, default=5, help="timed calls on CPU (on a GPU do_bench decides)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls (median), after 2 warm-up calls")
     p.add_argument("--slow-ms", type=float, default=250.0, help="calls slower than this are timed 3 times only")
     p.add_argument("--modes", default="sdpa-eager,flex-handwritten,asam,flex-hf,sdpa-inductor,inductor,eager",
                    help="also: flex-hf-inductor, flex-handwritten-eager, asam-nocache")
@@ -171,7 +164,6 @@ def main() -> None:
     args = p.parse_args()
 
     import asam_compile
-    import transformers
     from tabulate import tabulate
     from torch.nn.attention.flex_attention import create_block_mask
     from transformers import AttentionInterface
@@ -179,14 +171,11 @@ def main() -> None:
     AttentionInterface.register(HAND_FLEX, hand_flex_attention)
     dtype, dev, W = getattr(torch, args.dtype), args.device, args.window
     use_cache = not args.no_cache
-    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    header = (
-        f"device: {card} | torch {torch.__version__} | transformers {transformers.__version__} | "
-        f"asam_compile {asam_compile.__version__} ({git_rev()}) | {datetime.date.today()} | Mistral {args.layers}L "
-        f"h{args.hidden} {args.heads}q/{args.kv_heads}kv head_dim {args.head_dim or args.hidden // args.heads} "
-        f"window {W} {args.dtype} B=1 prefill use_cache={use_cache} asam flex={args.asam_flex}"
-    )
-    print(header, flush=True)
+    header = run_header(dev, workload=(
+        f"Mistral {args.layers}L h{args.hidden} {args.heads}q/{args.kv_heads}kv head_dim "
+        f"{args.head_dim or args.hidden // args.heads} window {W} {args.dtype} B=1 prefill use_cache={use_cache} "
+        f"asam flex={args.asam_flex}"))
+    print(header_line(header), flush=True)
     modes = args.modes.split(",")
     out: dict = {"header": header, "args": vars(args), "check": [], "rows": []}
 
@@ -339,7 +328,7 @@ def main() -> None:
                 r["vs_handwritten_flex"] = r["ms"] / flex
                 r["x_vs_inductor"] = ind / r["ms"]
     log("done")
-    print(header)
+    print(header_line(header))
     if out["check"]:
         print(f"\ncheck at {args.ref_len} tokens, last {min(args.ref_keep, args.ref_len)} positions' logits; a causal-only "
               f"float64 run differs from the windowed one by {out['check'][0]['window_effect_fp64']:.3g}")

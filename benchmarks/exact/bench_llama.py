@@ -9,23 +9,21 @@ generate() prefill is: HF's mask then reads the runtime attention_mask, and asam
 the graph (Note [Runtime masks as in-graph block masks]); mode asam-dense is asam with flex="never" (SDPA with
 the dense mask, what the rewrite did before).
 
-    python benchmarks/bench_llama.py --seqs 2048 8192 --json out.json      # on a GPU
-    python benchmarks/bench_llama.py --device cpu --layers 2 --hidden 256 --seqs 256   # a smoke run
-    python benchmarks/bench_llama.py --seqs 8192 --batch 2 --pad 1000 --modes inductor,asam,asam-dense,sdpa-eager,sdpa-inductor
+    python benchmarks/exact/bench_llama.py --seqs 2048 8192 --json out.json      # on a GPU
+    python benchmarks/exact/bench_llama.py --device cpu --layers 2 --hidden 256 --seqs 256   # a smoke run
+    python benchmarks/exact/bench_llama.py --seqs 8192 --batch 2 --pad 1000 --modes inductor,asam,asam-dense,sdpa-eager,sdpa-inductor
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
 import time
 
 import torch
 
-from common import bench, git_rev
+from asam_compile.measure import header_line, run_header, time_ms
 
 
 def build(args, attn: str):
@@ -65,13 +63,9 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    card = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu"
-    header = (
-        f"device: {card} | torch {torch.__version__} | asam_compile {asam_compile.__version__} ({git_rev()}) | "
-        f"{datetime.date.today()} | Llama {args.layers}L h{args.hidden} {args.heads}q/{args.kv_heads}kv {args.dtype} B={args.batch}"
-        + (f" left pad {args.pad}" if args.pad else "")
-    )
-    print(header, flush=True)
+    header = run_header(dev, workload=f"Llama {args.layers}L h{args.hidden} {args.heads}q/{args.kv_heads}kv {args.dtype} "
+                                      f"B={args.batch}" + (f" left pad {args.pad}" if args.pad else ""))
+    print(header_line(header), flush=True)
     base = build(args, "eager")
     sdpa = build(args, "sdpa")
     sdpa.load_state_dict(base.state_dict())
@@ -126,7 +120,7 @@ def main() -> None:
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
-                    ms = bench(lambda: fn(ids, **kw), dev, args.iters, rep_ms=max(200, args.iters * 20))
+                    ms = time_ms(lambda: fn(ids, **kw), dev, args.iters)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
                 rows.append(dict(seq=L, mode=mode, ms=ms, compile_s=first, max_err_vs_fp64=err, peak_gib=peak, rewritten=fired))
             except Exception as e:  # noqa: BLE001 - a failing configuration is a row, the sweep goes on
@@ -150,7 +144,7 @@ def main() -> None:
         for r in rows:
             if r["seq"] == L:
                 r["speedup_vs_inductor"] = base_ms / r["ms"] if r["ms"] == r["ms"] else float("nan")
-    print(header)
+    print(header_line(header))
     print(tabulate([[r["seq"], r["mode"], f"{r['ms']:.2f}", f"{r['speedup_vs_inductor']:.2f}x", f"{r['compile_s']:.1f}",
                      f"{r['max_err_vs_fp64']:.3g}", f"{r['peak_gib']:.2f}", r["rewritten"]] for r in rows],
                    headers=["seq", "mode", "ms (median)", "vs torch.compile", "first call s", "max err vs fp64", "peak GiB", "asam rewritten"]))

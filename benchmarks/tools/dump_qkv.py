@@ -1,20 +1,22 @@
 """Save real attention inputs: SmolLM2-135M's q (after RoPE), k and v of chosen layers on the shipped text.
 
 The GPU machine cannot load SmolLM2 (its package is too large to carry), so its real q/k/v travel as
-files for benchmarks/bench_adaptive.py (`--inputs FILE.pt`): speed and error of adaptive sparse
+files for benchmarks/adaptive/bench_adaptive.py (`--inputs FILE.pt`): speed and error of adaptive sparse
 attention on real attention, not only on synthetic inputs.
 
-    python benchmarks/dump_qkv.py --length 8192 --layers 0 14 29 --out-dir qkv/
+    python benchmarks/tools/dump_qkv.py --length 8192 --layers 0 14 29 --out-dir qkv/
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-import real_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for real_models.py (its docstring)
+import real_models  # noqa: E402
 
 
 def main() -> None:

@@ -25,28 +25,29 @@ the attention probabilities as soon as they exist (one layer at a time: never al
 q and k are taken after RoPE: transformers' llama `eager_attention_forward` is wrapped (LlamaAttention
 looks it up by name on every call) and gets them as its arguments; the probabilities are its second result.
 
-    python benchmarks/attention_profile.py                       # L=2048, writes results/attention_profile_smollm2.json
-    python benchmarks/attention_profile.py --lengths 2048 4096
+    python benchmarks/adaptive/attention_profile.py              # L=2048, writes benchmarks/results/attention_profile_smollm2.json
+    python benchmarks/adaptive/attention_profile.py --lengths 2048 4096
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from common import git_rev
-from real_models import load_smollm2, long_text
+from asam_compile.measure import header_line, run_header
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for real_models.py (its docstring)
+from real_models import load_smollm2, long_text  # noqa: E402
 
 COVERAGES = (0.90, 0.95, 0.99)
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,12 +323,8 @@ def main() -> None:
     p.add_argument("--json", default=str(RESULTS / "attention_profile_smollm2.json"))
     args = p.parse_args()
 
-    import transformers
-
-    header = (f"device: {platform.processor() or 'cpu'} ({args.device}, {torch.get_num_threads()} threads) "
-              f"| torch {torch.__version__} | transformers {transformers.__version__} | {datetime.date.today()} "
-              f"| git {git_rev()} | SmolLM2-135M float32 eager")
-    print(header, flush=True)
+    header = run_header(args.device, workload="SmolLM2-135M float32 eager")
+    print(header_line(header), flush=True)
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2(device=args.device)
     ids = tokenizer(long_text(), return_tensors="pt").input_ids.to(args.device)
@@ -348,7 +345,7 @@ def main() -> None:
         with torch.no_grad(), profiling_attention(on_layer):
             model(input_ids=ids[:, :L], use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - t0
-        print(header)
+        print(header_line(header))
         print_tables(L, layers, args)
         hard = sorted(((d, i, j) for i, layer in enumerate(layers) for j, d in enumerate(layer["oracle_density_0.95"])),
                       reverse=True)[:10]

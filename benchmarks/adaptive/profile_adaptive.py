@@ -9,8 +9,8 @@ Then a torch.profiler table of a few op calls (CPU and device time per kernel an
 --in-graph profiles the default path instead: the hand-written module compiled with backend="asam" in adaptive
 mode (selection, block mask and Flex in one Inductor graph), its kernels sorted by device time.
 
-    python benchmarks/profile_adaptive.py --inputs planted --seq 16384
-    python benchmarks/profile_adaptive.py --inputs qkv/smollm2_L8192_layer14.pt --seq 8192
+    python benchmarks/adaptive/profile_adaptive.py --inputs planted --seq 16384
+    python benchmarks/adaptive/profile_adaptive.py --inputs qkv/smollm2_L8192_layer14.pt --seq 8192
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from asam_compile.measure import header_line, run_header, time_ms
 from bench_adaptive import make_inputs
-from common import bench
 
 
 def main() -> None:
@@ -42,42 +42,44 @@ def main() -> None:
 
     from torch.nn.attention.flex_attention import BlockMask
 
-    from asam_compile import adaptive
+    from asam_compile.kernels import adaptive, selection
 
     dev, dtype = args.device, getattr(torch, args.dtype)
+    print(header_line(run_header(dev, inputs=args.inputs, seq=args.seq, dtype=args.dtype, coverage=args.coverage,
+                                 max_density=args.max_density)), flush=True)
     q, k, v = make_inputs(args, args.seq, dev, dtype)
     scale = q.shape[-1] ** -0.5
-    st = adaptive.SparseSettings(128, args.coverage, args.max_density, 0, 2, 1)
-    select = adaptive._compiled("select", q.device.type)
-    flex = adaptive._compiled("flex", q.device.type)
+    st = selection.SparseSettings(128, args.coverage, args.max_density, 0, 2, 1)
+    select = adaptive.compiled("select", q.device.type)
+    flex = adaptive.compiled("flex", q.device.type)
     kept, partial, allowed, dense = select(q, k, scale, True, st)
     sparse = kept & ~dense[..., None, None]
 
     def build():
-        return BlockMask.from_kv_blocks(*adaptive._indices(sparse & partial), *adaptive._indices(sparse & ~partial),
-                                        BLOCK_SIZE=128, mask_mod=adaptive._causal, seq_lengths=(q.shape[2], k.shape[2]),
+        return BlockMask.from_kv_blocks(*selection.block_tables(sparse & partial), *selection.block_tables(sparse & ~partial),
+                                        BLOCK_SIZE=128, mask_mod=selection.causal_mask_mod, seq_lengths=(q.shape[2], k.shape[2]),
                                         compute_q_blocks=False)
 
     bm = build()
     if args.in_graph:
         return in_graph(args, q, k, v, dev, {
-            "select": bench(lambda: select(q, k, scale, True, st), dev, args.iters),
-            "mask": bench(build, dev, args.iters),
-            "flex": bench(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
-            "sdpa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev,
-                          args.iters),
-        }, adaptive.block_density(kept, allowed.expand_as(kept)))
+            "select": time_ms(lambda: select(q, k, scale, True, st), dev, args.iters),
+            "mask": time_ms(build, dev, args.iters),
+            "flex": time_ms(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
+            "sdpa": time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev,
+                            args.iters),
+        }, selection.block_density(kept, allowed.expand_as(kept)))
     op = torch.ops.asam.adaptive_attention
     rows = {
-        "select": bench(lambda: select(q, k, scale, True, st), dev, args.iters),
-        "select+sync": bench(lambda: int(select(q, k, scale, True, st)[3].sum()), dev, args.iters),
-        "mask": bench(build, dev, args.iters),
-        "flex": bench(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
-        "op": bench(lambda: op(q, k, v, scale, True, 128, args.coverage, args.max_density, 2, 1), dev, args.iters),
-        "sdpa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev, args.iters),
+        "select": time_ms(lambda: select(q, k, scale, True, st), dev, args.iters),
+        "select+sync": time_ms(lambda: int(select(q, k, scale, True, st)[3].sum()), dev, args.iters),
+        "mask": time_ms(build, dev, args.iters),
+        "flex": time_ms(lambda: flex(q, k, v, block_mask=bm, scale=scale), dev, args.iters),
+        "op": time_ms(lambda: op(q, k, v, scale, True, 128, args.coverage, args.max_density, 2, 1), dev, args.iters),
+        "sdpa": time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale), dev, args.iters),
     }
     print({"inputs": args.inputs, "seq": args.seq, "dense_pairs": int(dense.sum()), "pairs": dense.numel(),
-           "density": adaptive.block_density(kept, allowed.expand_as(kept))}, flush=True)
+           "density": selection.block_density(kept, allowed.expand_as(kept))}, flush=True)
     for name, ms in rows.items():
         print(f"{name:12s} {ms:8.3f} ms", flush=True)
     with torch.profiler.profile() as prof:
@@ -97,7 +99,7 @@ def in_graph(args, q, k, v, dev, rows, density) -> None:
     fn = torch.compile(CausalAttention(), backend="asam", options=opts)
     with torch.no_grad(), asam_compile.capture() as cap:
         fn(q, k, v)
-        rows["in-graph"] = bench(lambda: fn(q, k, v), dev, args.iters)
+        rows["in-graph"] = time_ms(lambda: fn(q, k, v), dev, args.iters)
         print({"inputs": args.inputs, "seq": args.seq, "density": density,
                "fired": [c.target for c in cap.report.candidates]}, flush=True)
         for name, ms in rows.items():

@@ -1,8 +1,9 @@
-"""Which matched attention sites go ASAM adaptive sparse, with which settings, or why they stay exact.
+"""The plan stage's adaptive decision (a helper of passes/plan.py, as flex_plan.py is): which matched attention
+sites go ASAM adaptive sparse, with which settings, or why they stay exact.
 
 A site goes sparse in mode="adaptive", or when a module marked with asam_compile.sparse(...) is on its
 nn_module_stack; the innermost mark's settings override the backend's options. The rewrite then emits the
-in-graph adaptive call (asam_compile.adaptive; the asam::adaptive_attention op with dense_fallback) instead of
+adaptive call its dense_fallback names (asam_compile.kernels.adaptive, asam_compile.kernels.dispatch) instead of
 SDPA (Note [Adaptive sparse attention]); inside a mask's Flex block mask for a masked site (Note [Adaptive over a
 structured mask]).
 """
@@ -14,13 +15,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from asam_compile import cost
-from asam_compile.adaptive import SparseSettings
-from asam_compile.config import SPARSE_FIELDS
+from asam_compile.config import AsamConfig, SparseSettings
+from asam_compile.kernels import cost, selection
+from asam_compile.passes.ir import size_hint
 from asam_compile.sparse import settings_for
 
 
-def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> SparseSettings | None:
+def site_settings(softmax: fx.Node, config: AsamConfig, root: type | None = None) -> SparseSettings | None:
     """The sparse settings that apply to this site, or None where it stays exact. `root`: the type of the
     module whose forward was compiled (not on nn_module_stack; see _compat.compiled_frame_module)."""
     if not config.allow_sparse:
@@ -30,9 +31,7 @@ def site_settings(softmax: fx.Node, config: Any, root: type | None = None) -> Sp
     marked = settings_for(t for t in types if t is not None)
     if marked is None and config.mode != "adaptive":
         return None
-    values = {f: getattr(config, f) for f in SPARSE_FIELDS}
-    values.update(marked or {})
-    return SparseSettings(**values)
+    return config.sparse.replaced(**(marked or {}))
 
 
 # Note [Adaptive under dynamic shapes]
@@ -53,9 +52,9 @@ def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, d
         why = f" ({m.flex_plan})" if isinstance(m.flex_plan, str) else ""
         return (f"adaptive sparse takes no mask, a causal one, or one that becomes a Flex block mask; this site "
                 f"keeps a {mask_kind} mask{why}")
-    if mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/adaptive.py
-        if settings.dense_fallback:
-            return "dense_fallback takes no mask or a causal one"
+    if mask_kind == "flex":  # Note [Adaptive over a structured mask] in asam_compile/kernels/adaptive.py
+        if settings.dense_fallback == "per_call":
+            return "dense_fallback='per_call' takes no mask or a causal one"
         if settings.estimator != "pooled":
             return f"the {settings.estimator} estimator takes no mask or a causal one"
         if settings.block_size != m.flex_plan.block_size:
@@ -67,4 +66,37 @@ def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, d
         return f"{min(int(L), int(S))} tokens < min_seq_len={settings.min_seq_len}: sparsity does not pay"
     if E != Ev:
         return f"Flex needs equal query and value head sizes ({E} vs {Ev})"
-    return cost.flex_unavailable(E=Ev, device_type=device.type, requires_grad=requires_grad)
+    why = cost.flex_unavailable(E=Ev, device_type=device.type, requires_grad=requires_grad)
+    if why is not None:
+        return why
+    forced = _forced_share(m, settings, mask_kind, size_hint(L), size_hint(S))
+    if forced is not None and forced > settings.max_density:  # Note [Nothing to select]
+        return (f"the sinks and window blocks alone are {forced:.0%} of the allowed blocks (> max_density="
+                f"{settings.max_density}): every head would run all of them, so the selection is skipped")
+    return None
+
+
+# Note [Nothing to select]
+# A head that keeps more than max_density of its allowed blocks runs all of them, so where the blocks that every
+# selection keeps (the sinks and the window at the diagonal) are already more than max_density of what the mask
+# allows, the selection can only cost time: the site stays exact. This is the case of short sliding windows: on
+# Gemma-3's 512-token local layers (block 128) each query block is allowed at most 5 key blocks and the forced
+# sink and window blocks are 3 of them (issue 16). Decided at compile time from the mask's block tables (a causal
+# mask or none: from the lengths' hints); a mask read at run time is not known then and goes on to the selection.
+
+
+def _forced_share(m: Any, settings: SparseSettings, mask_kind: str, L: int, S: int) -> float | None:
+    """The forced blocks' share of the allowed ones (the largest over the mask's batch and heads), or None where
+    the mask is known only at run time."""
+    blocks = None
+    if mask_kind == "flex":
+        plan = m.flex_plan
+        if plan.in_graph or not plan.tensors:
+            return None
+        n_blocks = -(-S // settings.block_size)
+        num, idx, full_num, full_idx = (t.cpu() for t in plan.tensors)
+        cut = selection.blocks_from_tables(num, idx, n_blocks)
+        blocks = (cut | selection.blocks_from_tables(full_num, full_idx, n_blocks), cut)
+    forced, allowed, _ = selection.forced_blocks(L, S, causal=mask_kind == "causal", settings=settings, blocks=blocks,
+                                                 device="cpu")
+    return selection.forced_density(forced, allowed)

@@ -1,0 +1,187 @@
+"""asam::adaptive_dispatch: per site and head, the adaptive call where its measured density pays, SDPA where not.
+
+Note [Dispatch by measured density]
+Real attention is often too diffuse for block sparsity to pay: on Gemma-3-270M's global layers at 16k tokens a
+selection at coverage 0.995 keeps 83 % of the blocks, and Flex computes a block at about 0.6x SDPA flash's speed
+(issue 16), so the in-graph adaptive call was 0.57x the exact rewrite there. Choosing per call between the two
+kernels needs the density on the host: a sync per call (asam::adaptive_attention, dense_fallback="per_call").
+This op instead measures and then remembers. Per site and per length bucket (batch size, and the lengths rounded
+up to a power of two):
+  1. the first CALIBRATION_CALLS calls run the selection on every head and read each head's density (the share of
+     its allowed key blocks that it keeps, averaged over the batch) on the host: one sync per calibration call;
+  2. a head whose mean density is at most max_density, and below the density at which the sparse kernel beats
+     SDPA for its head dim (cost.sparse_pays_below: Flex computes a block at 0.68x flash's speed at D <= 128,
+     0.46x at D = 256), runs sparse (selection + Flex on its kept blocks, with the in-graph max_density rule for a
+     (batch, head) that is diffuse on this input); the others run SDPA (flash on CUDA) on their slice, K and V
+     gathered per head with index tensors kept on the device; every head dense: SDPA alone and no selection;
+  3. every RECHECK_EVERY-th call of a bucket measures again (one sync) and updates the split.
+Between those calls no value is read back: the split is a Python tuple of head indices. The decision is shown by
+`decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
+the exact rewrite's time plus a dictionary look-up. Inference only: a graph that needs gradients takes the in-graph
+call (the plan stage decides; the split would change the function between forward and backward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from asam_compile import _compat
+from asam_compile.config import SparseSettings
+from asam_compile.kernels import cost, runtime
+from asam_compile.kernels.selection import block_tables, causal_mask_mod
+
+F = torch.nn.functional
+
+CALIBRATION_CALLS = 2
+RECHECK_EVERY = 100
+
+
+@dataclasses.dataclass
+class Bucket:
+    """What one site has measured at one length bucket."""
+
+    calls: int = 0
+    measured: int = 0  # calls that measured
+    density: list[float] = dataclasses.field(default_factory=list)  # per q head, mean over the measuring calls
+    sparse: tuple[int, ...] | None = None  # q heads that run sparse; None until the first measurement
+    index: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)  # on the device, per split
+
+    def due(self) -> bool:
+        return self.measured < CALIBRATION_CALLS or self.calls % RECHECK_EVERY == 0
+
+
+_SITES: dict[str, dict[tuple[int, int, int], Bucket]] = {}
+_LOCK = threading.Lock()
+_COUNTER = itertools.count()
+
+
+def new_site(name: str) -> str:
+    """A fresh key for one rewritten site (its softmax's name, made unique)."""
+    key = f"{name}#{next(_COUNTER)}"
+    with _LOCK:
+        _SITES[key] = {}
+    return key
+
+
+def decisions() -> dict[str, dict[str, Any]]:
+    """Per site and length bucket: calls, measured density per head and the heads that run sparse."""
+    with _LOCK:
+        return {site: {f"B={b} L<={1 << lq} S<={1 << ls}": {"calls": bk.calls, "measured": bk.measured,
+                                                             "density": bk.density, "sparse": bk.sparse}
+                       for (b, lq, ls), bk in buckets.items()}
+                for site, buckets in _SITES.items()}
+
+
+def reset() -> None:
+    """Forget every measurement: each site measures again on its next call."""
+    with _LOCK:
+        for buckets in _SITES.values():
+            buckets.clear()
+
+
+def _bucket(site: str, q: torch.Tensor, k: torch.Tensor) -> Bucket:
+    key = (q.shape[0], (q.shape[2] - 1).bit_length(), (k.shape[2] - 1).bit_length())
+    with _LOCK:
+        return _SITES.setdefault(site, {}).setdefault(key, Bucket())
+
+
+def _selection(q: torch.Tensor, k: torch.Tensor, settings: SparseSettings, scale: float, causal: bool) -> Any:
+    from asam_compile.kernels.adaptive import compiled
+
+    return compiled("select", q.device.type)(q, k, scale=scale, causal=causal, settings=settings)
+
+
+def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
+            causal: bool) -> torch.Tensor:
+    """Selection and Flex on the kept blocks for every head of q (a diffuse (batch, head) keeps all its blocks)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from asam_compile.kernels.adaptive import compiled
+
+    kept, partial, allowed, dense = _selection(q, k, settings, scale, causal)
+    kept = torch.where(dense[..., None, None], allowed, kept)
+    cut, whole = kept & partial, kept & ~partial
+    block_mask = BlockMask.from_kv_blocks(
+        *block_tables(cut), *block_tables(whole), BLOCK_SIZE=settings.block_size,
+        mask_mod=causal_mask_mod if causal else None, seq_lengths=(q.shape[2], k.shape[2]), compute_q_blocks=False,
+    )
+    if q.device.type == "cpu":
+        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
+    return compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def split_index(H: int, Hkv: int, sparse: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Device index tensors of a head split: the sparse and dense q heads and the kv head each one reads."""
+    group = H // Hkv
+    dense = [h for h in range(H) if h not in set(sparse)]
+    idx = {"s": list(sparse), "d": dense, "s_kv": [h // group for h in sparse], "d_kv": [h // group for h in dense]}
+    return {name: torch.tensor(x, device=device, dtype=torch.long) for name, x in idx.items()}
+
+
+def run_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
+              causal: bool, sparse: Sequence[int], index: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention with the q heads in `sparse` run adaptive sparse and the others SDPA (Note [Dispatch by measured
+    density]). K and V are gathered per head for a split that does not follow the kv groups. `index`: the split's
+    split_index (built here if not given: a copy to the device)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if not sparse:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
+    if len(sparse) == H:
+        return _sparse(q, k, v, settings, scale, causal)
+    ix = index or split_index(H, Hkv, sparse, q.device)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    out[:, ix["s"]] = _sparse(q[:, ix["s"]], k[:, ix["s_kv"]], v[:, ix["s_kv"]], settings, scale, causal)
+    out[:, ix["d"]] = F.scaled_dot_product_attention(q[:, ix["d"]], k[:, ix["d_kv"]], v[:, ix["d_kv"]],
+                                                     is_causal=causal, scale=scale)
+    return out
+
+
+def _measure(bucket: Bucket, q: torch.Tensor, k: torch.Tensor, settings: SparseSettings, scale: float,
+             causal: bool) -> None:
+    """Run the selection on every head, read the densities (one sync) and update the bucket's split."""
+    kept, _, allowed, _ = _selection(q, k, settings, scale, causal)
+    n = allowed.expand_as(kept).sum((-2, -1)).clamp(min=1)
+    density = (kept.sum((-2, -1)) / n).float().mean(0).tolist()  # per q head, over the batch
+    with _LOCK:
+        m = bucket.measured
+        bucket.density = density if m == 0 else [(a * m + b) / (m + 1) for a, b in zip(bucket.density, density)]
+        bucket.measured = min(m + 1, CALIBRATION_CALLS)  # later measurements weigh as much as the calibration's
+        pays = min(settings.max_density, cost.sparse_pays_below(q.shape[-1], q.device.type))
+        split = tuple(h for h, d in enumerate(bucket.density) if d <= pays)
+        if split != bucket.sparse:
+            bucket.sparse = split
+            bucket.index = split_index(q.shape[1], k.shape[1], split, q.device) if 0 < len(split) < q.shape[1] else {}
+
+
+@torch.library.custom_op("asam::adaptive_dispatch", mutates_args=())
+def adaptive_dispatch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, site: str, block_size: int,
+    coverage: float, max_density: float, window: int, sinks: int, estimator: str = "pooled",
+) -> torch.Tensor:
+    """Adaptive attention of (B, H, L, E) q and (B, H_kv, S, E) k, v, dispatched per head by measured density
+    (Note [Dispatch by measured density]): (B, H, L, E), contiguous. Inference only."""
+    settings = SparseSettings(block_size=block_size, coverage=coverage, max_density=max_density, min_seq_len=0,
+                              window=window, sinks=sinks, dense_fallback="measured", estimator=estimator)
+    bucket = _bucket(site, q, k)
+    with torch.no_grad(), _compat.outside_dispatch_modes():
+        if bucket.due():
+            _measure(bucket, q, k, settings, scale, causal)
+        bucket.calls += 1
+        return run_split(q, k, v, settings, scale, causal, bucket.sparse or (), bucket.index).contiguous()
+
+
+@adaptive_dispatch.register_fake
+def _(q, k, v, scale, causal, site, block_size, coverage, max_density, window, sinks, estimator="pooled"):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def op_arguments(settings: SparseSettings, site: str) -> tuple[Any, ...]:
+    """The trailing arguments of asam::adaptive_dispatch for a site's settings."""
+    return (site, settings.block_size, settings.coverage, settings.max_density, settings.window, settings.sinks,
+            settings.estimator)

@@ -1,0 +1,103 @@
+"""asam::adaptive_dispatch (Note [Dispatch by measured density] in asam_compile/kernels/dispatch.py): heads whose
+measured density does not pay run SDPA, the others the adaptive call, with no host read-back between measurements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import asam_compile
+from asam_compile.config import SparseSettings
+from asam_compile.kernels import dispatch, selection
+from test_adaptive import BS, EXACT_TOL, CausalAttention, compile_adaptive, exact, planted, qkv
+
+SCALE = 32**-0.5
+
+
+def two_kinds(L=2048):
+    """Heads 0, 1 planted (concentrated), heads 2, 3 flat (q = 0), GQA with 2 kv heads."""
+    q, k, v = planted(B=1, H=2, L=L)
+    q = q.repeat_interleave(2, dim=1).clone()
+    q[:, 2:] = 0
+    return q, k, v
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of the measurements (each one a host read-back) and of the selections run."""
+    calls = {"measure": 0, "select": 0}
+    measure, select = dispatch._measure, dispatch._selection
+
+    def count_measure(*a, **kw):
+        calls["measure"] += 1
+        return measure(*a, **kw)
+
+    def count_select(*a, **kw):
+        calls["select"] += 1
+        return select(*a, **kw)
+
+    monkeypatch.setattr(dispatch, "_measure", count_measure)
+    monkeypatch.setattr(dispatch, "_selection", count_select)
+    monkeypatch.setattr(dispatch, "RECHECK_EVERY", 6)
+    return calls
+
+
+def call(site, inputs, max_density=0.5, coverage=0.8):
+    return torch.ops.asam.adaptive_dispatch(*inputs, SCALE, True, site, BS, coverage, max_density, 1, 1)
+
+
+def test_heads_split_by_measured_density_and_steady_calls_read_nothing_back(counted):
+    inputs = two_kinds()
+    site = dispatch.new_site("softmax")
+    outs = [call(site, inputs) for _ in range(7)]
+    (bucket,) = dispatch._SITES[site].values()
+    assert bucket.sparse == (0, 1), bucket
+    assert bucket.density[0] < 0.5 < bucket.density[2], bucket.density
+    # two calibration calls, then none until call 6 (RECHECK_EVERY) measures again
+    assert counted["measure"] == 3 and bucket.calls == 7
+    full = exact(CausalAttention(), inputs)
+    st = SparseSettings(BS, 0.8, 0.5, 0, 1, 1)
+    ref, _ = selection.reference(inputs[0][:, :2], inputs[1][:, :1], inputs[2][:, :1], scale=SCALE, causal=True, settings=st)
+    for out in outs[2:]:
+        torch.testing.assert_close(out[:, 2:], full[:, 2:], atol=EXACT_TOL, rtol=1e-4)  # SDPA heads: exact
+        torch.testing.assert_close(out[:, :2], ref, atol=EXACT_TOL, rtol=1e-4)  # sparse heads: their blocks
+    assert (outs[-1][:, :2] - full[:, :2]).abs().max() > 1e-3, "the concentrated heads should run sparse"
+    assert "B=1 L<=2048 S<=2048" in dispatch.decisions()[site]
+
+
+def test_no_head_pays_is_plain_sdpa_without_any_selection(counted):
+    inputs = qkv(L=1000, H=4, Hkv=2)
+    site = dispatch.new_site("softmax")
+    outs = [call(site, inputs, max_density=0.05, coverage=0.99) for _ in range(5)]
+    assert counted["measure"] == 2 and counted["select"] == 2  # the calibration's selections only
+    assert dispatch._SITES[site][(1, 10, 10)].sparse == ()
+    for out in outs:
+        torch.testing.assert_close(out, exact(CausalAttention(), inputs), atol=EXACT_TOL, rtol=1e-4)
+
+
+def test_length_buckets_measure_separately(counted):
+    site = dispatch.new_site("softmax")
+    call(site, two_kinds(L=1024))
+    call(site, two_kinds(L=2048))
+    call(site, two_kinds(L=1500))  # the 2048 bucket again
+    assert sorted(dispatch._SITES[site]) == [(1, 10, 10), (1, 11, 11)]
+    assert counted["measure"] == 3
+
+
+def test_the_default_is_measured_dispatch_and_training_takes_the_in_graph_call():
+    inputs = two_kinds()
+    out, cap = compile_adaptive(CausalAttention(), inputs, coverage=0.8, window=1, sinks=1)
+    targets = [n.target for gm in cap.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.asam.adaptive_dispatch.default in targets
+    assert cap.report.candidates[0].info["adaptive"].endswith("dense_fallback=measured")
+    torch.testing.assert_close(out[:, 2:], exact(CausalAttention(), inputs)[:, 2:], atol=EXACT_TOL, rtol=1e-4)
+    assert asam_compile.AsamConfig.from_options({"dense_fallback": False}).sparse.dense_fallback == "none"
+    with pytest.raises(ValueError, match="dense_fallback"):
+        asam_compile.AsamConfig.from_options({"dense_fallback": "sometimes"})
+
+
+def test_opcheck():
+    q, k, v = two_kinds(L=512)
+    site = dispatch.new_site("softmax")
+    torch.library.opcheck(torch.ops.asam.adaptive_dispatch.default, (q, k, v, SCALE, True, site, BS, 0.8, 0.5, 1, 1),
+                          test_utils=("test_schema", "test_faketensor"))
