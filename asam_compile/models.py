@@ -154,6 +154,37 @@ def mistral_swa(seq: int, batch: int, dtype: torch.dtype, device: str, size: str
     return Built(model, _lm_inputs(_ids(cfg.vocab_size, batch, seq, device), train), note=note, hf=True)
 
 
+# Gemma-3 text models: every 6th layer global (causal), the others a causal sliding window; 1 kv head. "medium" is
+# Gemma-3-270M's own architecture (random weights; the real weights: asam_compile.gemma3.load_gemma3).
+_GEMMA3 = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=16, sliding_window=16, query_pre_attn_scalar=16),
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=64, sliding_window=128,
+                  query_pre_attn_scalar=64),
+    "medium": dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                   query_pre_attn_scalar=256),
+}
+
+
+def gemma3(seq: int, batch: int, dtype: torch.dtype, device: str, size: str = "small",
+           attn_implementation: str = "eager", train: bool = False) -> Built:
+    """Gemma3ForCausalLM (text): sliding-window layers and a global causal layer every 6th, GQA with 1 kv head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    shape = _GEMMA3[size]
+    layers = shape["num_hidden_layers"]
+    cfg = Gemma3TextConfig(**shape, max_position_embeddings=max(seq, 2048),
+                           layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                        for i in range(layers)],
+                           attn_implementation=attn_implementation)
+    torch.manual_seed(0)
+    model = _finish(Gemma3ForCausalLM(cfg), dtype, device, attn_implementation)
+    note = f"window {shape['sliding_window']}, {layers // 6} global of {layers} layers"
+    return Built(model, _lm_inputs(_ids(cfg.vocab_size, batch, seq, device), train), note=note, hf=True)
+
+
 def gpt2(seq: int, batch: int, dtype: torch.dtype, device: str, size: str = "small",
          attn_implementation: str = "eager", train: bool = False) -> Built:
     """GPT2LMHeadModel (causal mask read from a buffer, no GQA)."""
@@ -266,6 +297,7 @@ BUILTIN: dict[str, Spec] = {
     "bert": Spec("bert", bert, hf=True),
     "vit": Spec("vit", vit, hf=True),
     "mistral-swa": Spec("mistral-swa", mistral_swa, hf=True),
+    "gemma3": Spec("gemma3", gemma3, hf=True),
     "smollm2": Spec("smollm2", smollm2, hf=True),
     "attention": Spec("attention", attention, hf=True),
 }

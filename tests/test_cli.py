@@ -132,6 +132,21 @@ def test_bench_builtin_llama_and_hand_edited(tmp_path):
     assert m["asam"]["speedup"] is None  # no inductor row to compare with
 
 
+def test_bench_builtin_gemma3_windows_exact_and_global_layer_dispatched(tmp_path):
+    """The `gemma3` model (Gemma-3's layer pattern, random weights): in adaptive mode its sliding-window sites stay
+    exact (the forced blocks fill the window: Note [Nothing to select]) and the global one goes adaptive, as the
+    measured dispatch op; the result matches the hand-edited SDPA model."""
+    out_json = tmp_path / "rows.json"
+    status = cli.main(["bench", "--model", "gemma3", "--size", "tiny", "--seq", "256", "--modes",
+                       "asam,asam-adaptive,sdpa-edited-eager", "-o", "min_seq_len=0", "-o", "block_size=16",
+                       "--json", str(out_json), *FAST])
+    assert status == 0
+    m = by_mode(json.loads(out_json.read_text()))
+    assert m["asam"]["rewritten"] == "6/6 sdpa", m["asam"]
+    assert m["asam-adaptive"]["rewritten"] == "6/6 (5 sdpa, 1 adaptive)", m["asam-adaptive"]
+    assert m["asam-adaptive"]["max_err"] < 1e-4 and m["sdpa-edited-eager"]["max_err"] < 1e-4
+
+
 def test_bench_builtin_attention_adaptive(tmp_path):
     """The `attention` model (causal attention alone on planted q, k, v): the adaptive headline row of the CLI."""
     out_json = tmp_path / "rows.json"

@@ -101,3 +101,21 @@ def test_opcheck():
     site = dispatch.new_site("softmax")
     torch.library.opcheck(torch.ops.asam.adaptive_dispatch.default, (q, k, v, SCALE, True, site, BS, 0.8, 0.5, 1, 1),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_sparse_split_counts_the_sparse_paths_own_cost():
+    """Note [When sparse heads pay], with the constants measured on an H200: Gemma-3's layer 11 at 16k (D=256,
+    densities measured at coverage 0.995) saves less than the sparse path costs, so it stays on SDPA, at any
+    max_density; planted concentrated heads (D=128, density 0.15) at 16k go sparse, all of them; off CUDA the
+    split is max_density's alone."""
+    from asam_compile.kernels import cost
+
+    gemma = dict(E=256, L=16384, S=16384, causal=True, batch=1, device_type="cuda", kernel="triton")
+    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=0.5, **gemma) == ()
+    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=1.0, **gemma) == ()
+    planted_16k = dict(E=128, L=16384, S=16384, causal=True, batch=1, device_type="cuda", kernel="flex")
+    assert cost.sparse_split([0.15] * 16, max_density=0.5, **planted_16k) == tuple(range(16))
+    # a head above max_density never goes sparse; a long sequence pays for a single sparse head
+    long = dict(planted_16k, L=65536, S=65536)
+    assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **long) == (1, 3)
+    assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **dict(gemma, device_type="cpu")) == (1, 3)

@@ -18,22 +18,6 @@ HBM_BYTES_PER_S = 3.0e12
 CPU_MAX_DENSITY = 0.25
 CPU_MIN_ELEMENTS = 4096 * 4096
 
-# The adaptive call's speed per kept block relative to SDPA flash, by head dim (issue 16; benchmarks/RESULTS.md,
-# session 8): Flex at D <= 128 as above; at D = 256 (Gemma-3) it ran the whole causal attention of a 16k layer in
-# about 2.0 ms where flash took 0.93 ms on an H200, 0.46x. A head pays sparse when its density is below this
-# ratio times SPARSE_MARGIN (the selection and the call's launches take the rest).
-SPARSE_BLOCK_SPEED = {64: FLEX_SPEED, 128: FLEX_SPEED, 256: 0.46}
-SPARSE_MARGIN = 0.9
-
-
-def sparse_pays_below(E: int, device_type: str) -> float:
-    """The density below which a head is faster run sparse than by SDPA (Note [Dispatch by measured density])."""
-    if device_type != "cuda":
-        return 1.0  # not timed on CPU: max_density decides alone
-    speed = SPARSE_BLOCK_SPEED.get(E, SPARSE_BLOCK_SPEED[256] if E > 128 else FLEX_SPEED)
-    return speed * SPARSE_MARGIN
-
-
 def flex_unavailable(*, E: int, device_type: str, requires_grad: bool, policy: str = "auto") -> str | None:
     """Why compiled Flex cannot (or may not) run a site here, or None. `policy` is the `flex` option."""
     if policy == "never":
@@ -66,3 +50,53 @@ def choose_kernel(
     if density <= CPU_MAX_DENSITY and L * S >= CPU_MIN_ELEMENTS:
         return "flex", f"block density {density:.2f} on CPU"
     return "sdpa", f"block density {density:.2f} at {L}x{S} on {device_type}: dense SDPA"
+
+
+# Note [When sparse heads pay]
+# The measured dispatch (Note [Dispatch by measured density] in asam_compile/kernels/dispatch.py) sends a set of
+# heads to the sparse path when the time it saves on them exceeds what the sparse path costs besides its kernel.
+# Per head, SDPA takes t = causal attention FLOPs / FLASH_FLOPS and the sparse kernel density * t / speed, with
+# `speed` its rate per kept block relative to the SDPA the exact rewrite calls (torch's default backend choice).
+# Besides, the sparse path costs SPARSE_CALL_OVERHEAD_S a call (selection, block tables, launches from the opaque
+# op). Measured on an H200 (torch 2.11, bf16; benchmarks/RESULTS.md, session 8) on Gemma-3-270M's layer 11 at 16k
+# tokens (4 q heads, 1 kv head, D = 256): default SDPA 0.93 ms; our Triton kernel 0.906 ms at density 1 (so
+# speed 1.0 against the default SDPA; 2.3x against SDPA forced to its flash backend, FlashAttention-2, which was the
+# helper's baseline); all four heads through the dispatch's sparse path took 1.42 ms at density 0.83 and 1.33 ms at
+# density 0.58, i.e. about 0.7-0.8 ms more than the kernel alone. Flex: 0.68x flash at D <= 128 (above), and at
+# D = 256 it ran the same layer's kept blocks at about 0.46x. With these constants that layer stays on SDPA at
+# every coverage, as measured; planted concentrated inputs at 16k-64k (H=16, D=128; density 0.1-0.2) go sparse.
+SPARSE_BLOCK_SPEED = {
+    "flex": {64: FLEX_SPEED, 128: FLEX_SPEED, 256: 0.46},
+    "triton": {64: 1.0, 128: 1.0, 256: 1.0},
+}
+SPARSE_CALL_OVERHEAD_S = 8e-4
+
+
+def sparse_speed(E: int, kernel: str) -> float:
+    speeds = SPARSE_BLOCK_SPEED[kernel]
+    return speeds.get(E, speeds[256] if E > 128 else speeds[64])
+
+
+def head_seconds(L: int, S: int, E: int, causal: bool, batch: int = 1) -> float:
+    """SDPA's time for one head of a (batch, L, S, E) attention, from the calibrated flash rate."""
+    work = 4.0 * batch * L * S * E * (0.5 if causal and L == S else 1.0)
+    return work / FLASH_FLOPS
+
+
+def sparse_split(density: list[float], *, max_density: float, E: int, L: int, S: int, causal: bool, batch: int,
+                 device_type: str, kernel: str) -> tuple[int, ...]:
+    """The heads that run sparse (Note [When sparse heads pay]): on CUDA the set, taken sparsest first, that saves
+    the most time net of the sparse path's own cost (none where nothing does); elsewhere (not timed) every head
+    at or below max_density."""
+    eligible = sorted((d, h) for h, d in enumerate(density) if d <= max_density)
+    if device_type != "cuda":
+        return tuple(sorted(h for _, h in eligible))
+    t = head_seconds(L, S, E, causal, batch)
+    speed = sparse_speed(E, kernel)
+    best, best_gain, gain, chosen = (), 0.0, -SPARSE_CALL_OVERHEAD_S, []
+    for d, h in eligible:
+        gain += t * (1.0 - d / speed)
+        chosen.append(h)
+        if gain > best_gain:
+            best, best_gain = tuple(sorted(chosen)), gain
+    return best

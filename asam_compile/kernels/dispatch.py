@@ -9,11 +9,12 @@ This op instead measures and then remembers. Per site and per length bucket (bat
 up to a power of two):
   1. the first CALIBRATION_CALLS calls run the selection on every head and read each head's density (the share of
      its allowed key blocks that it keeps, averaged over the batch) on the host: one sync per calibration call;
-  2. a head whose mean density is at most max_density, and below the density at which the sparse kernel beats
-     SDPA for its head dim (cost.sparse_pays_below: Flex computes a block at 0.68x flash's speed at D <= 128,
-     0.46x at D = 256), runs sparse (selection + Flex on its kept blocks, with the in-graph max_density rule for a
-     (batch, head) that is diffuse on this input); the others run SDPA (flash on CUDA) on their slice, K and V
-     gathered per head with index tensors kept on the device; every head dense: SDPA alone and no selection;
+  2. heads at or below max_density run sparse (selection + the sparse kernel on their kept blocks, with the
+     in-graph max_density rule for a (batch, head) that is diffuse on this input) where, on CUDA, the time they
+     save beats the sparse path's own cost (cost.sparse_split, Note [When sparse heads pay]); the others run SDPA
+     on their slice, K and V gathered per head with index tensors kept on the device; no head sparse: SDPA alone
+     and no selection. The sparse kernel is our Triton one where it runs (CUDA, fp16/bf16, D 64/128/256), else
+     Flex;
   3. every RECHECK_EVERY-th call of a bucket measures again (one sync) and updates the split.
 Between those calls no value is read back: the split is a Python tuple of head indices. The decision is shown by
 `decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
@@ -96,15 +97,32 @@ def _selection(q: torch.Tensor, k: torch.Tensor, settings: SparseSettings, scale
     return compiled("select", q.device.type)(q, k, scale=scale, causal=causal, settings=settings)
 
 
+def sparse_kernel(q: torch.Tensor) -> str:
+    """"triton" (asam_compile/kernels/triton_block_sparse.py) where it runs: CUDA, Triton importable, fp16 or
+    bf16, head dim 64, 128 or 256; else "flex"."""
+    from asam_compile.kernels import triton_block_sparse
+
+    if (q.is_cuda and triton_block_sparse.triton is not None and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in (64, 128, 256)):
+        return "triton"
+    return "flex"
+
+
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
             causal: bool) -> torch.Tensor:
-    """Selection and Flex on the kept blocks for every head of q (a diffuse (batch, head) keeps all its blocks)."""
+    """Selection and the sparse kernel on the kept blocks for every head of q (a diffuse (batch, head) keeps all
+    its blocks): the Triton kernel where it runs (per query head tables), else Flex."""
     from torch.nn.attention.flex_attention import BlockMask
 
     from asam_compile.kernels.adaptive import compiled
 
     kept, partial, allowed, dense = _selection(q, k, settings, scale, causal)
     kept = torch.where(dense[..., None, None], allowed, kept)
+    if sparse_kernel(q) == "triton":
+        from asam_compile.kernels.triton_block_sparse import block_sparse_attention
+
+        num, idx = block_tables(kept)
+        return block_sparse_attention(q, k, v, num, idx, scale=scale, causal=causal, block_size=settings.block_size)
     cut, whole = kept & partial, kept & ~partial
     block_mask = BlockMask.from_kv_blocks(
         *block_tables(cut), *block_tables(whole), BLOCK_SIZE=settings.block_size,
@@ -152,8 +170,9 @@ def _measure(bucket: Bucket, q: torch.Tensor, k: torch.Tensor, settings: SparseS
         m = bucket.measured
         bucket.density = density if m == 0 else [(a * m + b) / (m + 1) for a, b in zip(bucket.density, density)]
         bucket.measured = min(m + 1, CALIBRATION_CALLS)  # later measurements weigh as much as the calibration's
-        pays = min(settings.max_density, cost.sparse_pays_below(q.shape[-1], q.device.type))
-        split = tuple(h for h, d in enumerate(bucket.density) if d <= pays)
+        split = cost.sparse_split(bucket.density, max_density=settings.max_density, E=q.shape[-1], L=q.shape[2],
+                                  S=k.shape[2], causal=causal, batch=q.shape[0], device_type=q.device.type,
+                                  kernel=sparse_kernel(q))
         if split != bucket.sparse:
             bucket.sparse = split
             bucket.index = split_index(q.shape[1], k.shape[1], split, q.device) if 0 < len(split) < q.shape[1] else {}
