@@ -84,7 +84,8 @@ class AttentionMatch:
     fixup: str | None = None  # None | "nan" | "mean" | "nan_if_all_neginf": what fully masked rows give
     enable_gqa: bool = False
     flex_plan: "FlexPlan | str | None" = None  # the block-sparse plan, or why a dense mask was kept
-    adaptive: Any = None  # asam_compile.kernels.adaptive.SparseSettings where the site goes adaptive sparse
+    adaptive: Any = None  # asam_compile.config.SparseSettings where the site goes adaptive sparse
+    dispatch_site: str | None = None  # its key in asam_compile.kernels.dispatch.decisions() (dense_fallback="measured")
 
     @property
     def mask_nodes(self) -> list[fx.Node]:

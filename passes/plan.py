@@ -59,7 +59,7 @@ F = torch.nn.functional
 
 def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
     """The mask nodes and every node they are computed from."""
-    from asam_compile.passes.lift import ancestors
+    from asam_compile.passes.lift_graph import ancestors
 
     return ancestors(*nodes)
 
@@ -400,7 +400,13 @@ def _plan_adaptive(m: AttentionMatch, config: AsamConfig, cand: Candidate, root_
     if settings.dense_fallback == "measured" and (m.mask_kind == "flex" or out.requires_grad):
         # Note [Dispatch by measured density]: inference without a mask or with a causal one
         settings = settings._replace(dense_fallback="none")
-    m = dataclasses.replace(m, adaptive=settings)
+    site = None
+    if settings.dense_fallback == "measured":  # Note [Dispatch by measured density]
+        from asam_compile.kernels import dispatch
+
+        site = dispatch.new_site(f"{cand.module or 'model'}.{m.softmax.name}")
+        cand.info["dispatch_site"] = site  # what asam_compile.kernels.dispatch.decisions() lists it under
+    m = dataclasses.replace(m, adaptive=settings, dispatch_site=site)
     cand.target = "adaptive"
     cand.info["adaptive"] = (
         f"coverage={settings.coverage}, max_density={settings.max_density}, window={settings.window}, "

@@ -256,7 +256,7 @@ def emit_sdpa(gm: fx.GraphModule, m: AttentionMatch, builds: dict[str, list[fx.N
             out = emit(torch.ops.asam.adaptive_attention.default, q, k, v, m.scale, causal, *adaptive.op_arguments(st))
         elif st.dense_fallback == "measured":  # Note [Dispatch by measured density]
             out = emit(torch.ops.asam.adaptive_dispatch.default, q, k, v, m.scale, causal,
-                       *dispatch.op_arguments(st, dispatch.new_site(m.softmax.name)))
+                       *dispatch.op_arguments(st, m.dispatch_site))
         else:
             out = emit(adaptive.adaptive_attention_call, q, k, v, scale=m.scale, causal=causal,
                        enable_gqa=m.enable_gqa, settings=st)

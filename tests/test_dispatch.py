@@ -90,6 +90,9 @@ def test_the_default_is_measured_dispatch_and_training_takes_the_in_graph_call()
     targets = [n.target for gm in cap.graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.asam.adaptive_dispatch.default in targets
     assert cap.report.candidates[0].info["adaptive"].endswith("dense_fallback=measured")
+    # the report names the site under which dispatch.decisions() lists its measured densities and split
+    (bucket,) = dispatch.decisions()[cap.report.candidates[0].info["dispatch_site"]].values()
+    assert bucket["sparse"] == (0, 1) and bucket["calls"] == 1, bucket
     torch.testing.assert_close(out[:, 2:], exact(CausalAttention(), inputs)[:, 2:], atol=EXACT_TOL, rtol=1e-4)
     assert asam_compile.AsamConfig.from_options({"dense_fallback": False}).sparse.dense_fallback == "none"
     with pytest.raises(ValueError, match="dense_fallback"):

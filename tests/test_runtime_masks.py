@@ -214,7 +214,7 @@ def test_rows_left_without_keys_give_what_eager_gives(value):
 
 
 def test_runtime_mask_near_misses_keep_a_dense_mask_with_the_reason(monkeypatch):
-    from asam_compile.passes import lift
+    from asam_compile.passes import lift_graph
 
     q, k, v = qkv(2, 50)
     keep = torch.rand(2, 50) > 0.2
@@ -225,7 +225,7 @@ def test_runtime_mask_near_misses_keep_a_dense_mask_with_the_reason(monkeypatch)
             torch.compile(model, backend="asam", options={**FLEX, **options})(q, k, v, keep)
         (cand,) = cap.report.rewritten
         assert cand.target == "sdpa" and cand.info["mask"] == "dense" and why in cand.info["kernel"], cand.info
-    monkeypatch.setattr(lift, "_SMALL_CONSTANT", 16)  # the (2, 50) keep vector is now "too big"
+    monkeypatch.setattr(lift_graph, "_SMALL_CONSTANT", 16)  # the (2, 50) keep vector is now "too big"
     torch._dynamo.reset()
     with torch.no_grad(), asam_compile.capture() as cap:
         out = torch.compile(model, backend="asam", options=FLEX)(q, k, v, keep)
