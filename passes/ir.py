@@ -21,7 +21,7 @@ from asam_compile.report import Reject
 LARGE_NEGATIVE = -1e4
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Operand:
     """A tensor made 4-D (B, H, L|S, E) for SDPA: `node` followed by view ops `steps` (target, args)."""
 
@@ -32,7 +32,7 @@ class Operand:
         return Operand(self.node, self.steps + [(target, args)])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Fill:
     """Positions where `mask` is True (or False when `keep_where_true`) take the value `value`."""
 
@@ -43,7 +43,7 @@ class Fill:
     steps: list[tuple[Any, tuple]] = dataclasses.field(default_factory=list)  # to the canonical layout
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Term:
     """An additive tensor term, multiplied by `factor` (scale applied after it was added)."""
 
@@ -54,7 +54,7 @@ class Term:
     steps: list[tuple[Any, tuple]] = dataclasses.field(default_factory=list)  # to the canonical layout
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AttentionMatch:
     """One attention site. The match stage sets what the pattern is; the plan stage returns a copy with the
     fields from `mask_kind` on set (dataclasses.replace: a match is never changed once returned)."""

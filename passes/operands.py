@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any, Sequence
@@ -270,18 +271,19 @@ def into_layout(
             raise Rejection(Reject.SHAPE_MISMATCH, f"{what} {shape} does not regroup into the scores' leading dims {lead}")
         return op if tuple(shape[:-2]) == lead else op.then(torch.reshape, (*lead, *shape[-2:]))
 
-    for item in [*scores.terms, *scores.fills]:
-        at = item.at
-        node = item.node if isinstance(item, Term) else item.mask
-        mv = val(node)
-        if at is None or tuple(at[:-2]) == lead:
-            continue
-        if not isinstance(mv, torch.Tensor) or mv.dim() > len(at) or math.prod(at[:-2]) != n:
-            raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{node.name} is applied to the scores in layout {at}")
-        padded = (1,) * (len(at) - mv.dim()) + tuple(mv.shape)
-        last2 = padded[-2:]
-        item.steps = [(torch.reshape, (padded,)), (torch.Tensor.expand, ((*at[:-2], *last2),)),
-                      (torch.reshape, ((*lead, *last2),))]
+    for items in (scores.terms, scores.fills):
+        for i, item in enumerate(items):
+            at = item.at
+            node = item.node if isinstance(item, Term) else item.mask
+            mv = val(node)
+            if at is None or tuple(at[:-2]) == lead:
+                continue
+            if not isinstance(mv, torch.Tensor) or mv.dim() > len(at) or math.prod(at[:-2]) != n:
+                raise Rejection(Reject.MASK_NOT_BROADCASTABLE, f"{node.name} is applied to the scores in layout {at}")
+            padded = (1,) * (len(at) - mv.dim()) + tuple(mv.shape)
+            last2 = padded[-2:]
+            items[i] = dataclasses.replace(item, steps=[(torch.reshape, (padded,)), (torch.Tensor.expand, ((*at[:-2], *last2),)),
+                                                        (torch.reshape, ((*lead, *last2),))])
     ov = val(out)
     return to_lead(q, "query"), to_lead(k, "key"), to_lead(v, "value"), (
         None if tuple(ov.shape[:-2]) == lead else tuple(ov.shape))
