@@ -21,7 +21,7 @@ density (kept / causal allowed blocks, summed over query blocks: the share of th
 block-sparse kernel does, 1/density its best speed-up) and the true attention mass the kept blocks hold (mean
 over rows and heads; worst row).
 
-    python benchmarks/adaptive/gemma3_coverage.py --length 8192                    # all selections, ~20 min on 2 cores
+    python benchmarks/adaptive/gemma3_coverage.py --length 8192                    # all selections, ~25 min on 2 cores
     python benchmarks/adaptive/gemma3_coverage.py --selections exact oracle-avg --coverages 0.95 0.9
 """
 
@@ -159,10 +159,11 @@ def run(model: torch.nn.Module, ids: torch.Tensor, config: Config, chunk: int) -
             "layers": {str(n): stats[n] for n in sorted(stats)}}
 
 
-def table(rows: list[dict[str, Any]], layers: list[str]) -> str:
+def table(rows: list[dict[str, Any]], layers: list[str], reference: float | None = None) -> str:
+    """The rows as text; changes against the exact row, else against `reference`."""
     from tabulate import tabulate
 
-    exact = next((r["ppl"] for r in rows if r["selection"] == "exact"), None)
+    exact = next((r["ppl"] for r in rows if r["selection"] == "exact"), reference)
     body = []
     for r in rows:
         change = f"{100 * (r['ppl'] / exact - 1):+.3f} %" if exact else "-"
@@ -187,6 +188,9 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512, help="query rows per exact softmax on the global layers")
     p.add_argument("--json", default=None, help="default benchmarks/results/<date>_cpu_gemma3_coverage_<len>.json")
     p.add_argument("--append", action="store_true", help="add to the rows already in --json")
+    p.add_argument("--reference-ppl", type=float, default=None,
+                   help="the exact perplexity, for the changes when no exact row is run (16k: eager 8.40763401525928, "
+                        "results/2026-12-04_cpu_gemma3_perplexity_4k_16k.json)")
     args = p.parse_args()
 
     from asam_compile import gemma3
@@ -217,11 +221,11 @@ def main() -> None:
             dens = " ".join(f"L{n} {row['layers'][n]['density']:.3f}" for n in layers)
             print(f"{config.name}: ppl {row['ppl']:.5f}, density {dens}, {row['seconds']} s", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"header": header, "question": __doc__.splitlines()[0], "rows": rows},
-                                       indent=1))
+            path.write_text(json.dumps({"header": header, "question": __doc__.splitlines()[0],
+                                        "reference_ppl": args.reference_ppl, "rows": rows}, indent=1))
     print(f"\n{args.length} tokens; density = kept / causal allowed blocks; mass = true attention mass kept "
           "(mean over rows and heads / worst row)")
-    print(table(rows, layers))
+    print(table(rows, layers, args.reference_ppl))
     print(f"\nwrote {path}")
 
 
