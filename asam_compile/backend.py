@@ -206,7 +206,22 @@ def explain(model: Callable[..., Any], *args: Any, options: dict[str, Any] | Non
         torch.compiler.reset()  # explain must see a fresh trace; see Note [explain resets Dynamo]
         torch.compile(model, backend=backend)(*args, **kwargs)
     torch.compiler.reset()
+    _add_dispatch_decisions(cap.report)
     return cap.report
+
+
+def _add_dispatch_decisions(report: Report) -> None:
+    """What the measured dispatch of each adaptive site decided on the call explain() made: info["dispatch"]
+    (Note [Dispatch by measured density] in asam_compile/kernels/dispatch.py)."""
+    from asam_compile.kernels import dispatch
+
+    measured = dispatch.decisions()
+    for cand in report.candidates:
+        site = cand.info.get("dispatch_site")
+        if site in measured:
+            cand.info["dispatch"] = "; ".join(
+                f"{bucket}: sparse heads {list(d['sparse'] or ())} of densities {[round(x, 2) for x in d['density']]}"
+                for bucket, d in measured[site].items())
 
 
 # Note [explain resets Dynamo]

@@ -122,3 +122,11 @@ def test_sparse_split_counts_the_sparse_paths_own_cost():
     long = dict(planted_16k, L=65536, S=65536)
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **long) == (1, 3)
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **dict(gemma, device_type="cpu")) == (1, 3)
+
+
+def test_explain_shows_each_heads_density_and_choice():
+    """explain() runs the model once: the measured dispatch's first measurement is in the report."""
+    report = asam_compile.explain(CausalAttention(), *two_kinds(),
+                                  options={"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "window": 1})
+    (cand,) = report.candidates
+    assert "sparse heads [0, 1] of densities" in cand.info["dispatch"], cand.info
