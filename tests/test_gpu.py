@@ -278,8 +278,9 @@ def test_gpu_adaptive_batch_two_inference_and_inside_a_padding_mask_bf16():
     from asam_compile.kernels.selection import reference
 
     q, k, v = (x.cuda() for x in planted(B=2, H=4, L=2048, E=64))
+    # the in-graph call (the measured dispatch would send a 2k site to SDPA: Note [When sparse heads pay])
     opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1, "sinks": 1,
-            "block_size": 128, "strict": True}
+            "block_size": 128, "strict": True, "dense_fallback": "none"}
     settings = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
     bq, bk, bv = (x.bfloat16() for x in (q, k, v))
     with torch.no_grad(), asam_compile.capture() as cap:
