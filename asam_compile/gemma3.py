@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from asam_compile.models import cache_root, long_text
+from asam_compile.models import cache_root, dequantised_gguf, long_text
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +268,7 @@ class Gemma3Tokenizer:
 
 def _convert(gguf_path: Path, dest: Path) -> None:
     """Dequantise the GGUF file once; save the float32 state dict and the config (Note [Gemma-3 from GGUF ...])."""
-    from transformers import AutoModelForCausalLM
-
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"loading a GGUF file needs '{module}'; install with: {GEMMA3_SETUP}")
-    log.info("dequantising %s into %s (once)", gguf_path, dest)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = dequantised_gguf(gguf_path, dest, GEMMA3_SETUP)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are plain float32 now
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

