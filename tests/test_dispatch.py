@@ -84,7 +84,7 @@ def test_length_buckets_measure_separately(counted):
     assert counted["measure"] == 3
 
 
-def test_the_default_is_measured_dispatch_and_training_takes_the_in_graph_call():
+def test_the_default_is_measured_dispatch_and_bools_name_the_other_fallbacks():
     inputs = two_kinds()
     out, cap = compile_adaptive(CausalAttention(), inputs, coverage=0.8, window=1, sinks=1)
     targets = [n.target for gm in cap.graphs for n in gm.graph.nodes if n.op == "call_function"]

@@ -96,6 +96,10 @@ def check_adaptive_bf16_against_reference(model, opts, settings, qkv_, scale, la
     with asam_compile.capture() as cap:
         out, g = grads(compiled, torch.bfloat16)
     assert [c.target for c in cap.report.candidates] == ["adaptive"], candidate_summary(cap.report.candidates)
+    # a graph that needs gradients takes the in-graph call, not the measured dispatch (Note [Dispatch by measured
+    # density])
+    targets = {n.target for g in cap.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert torch.ops.asam.adaptive_dispatch.default not in targets, targets
     kept = select_blocks(q.bfloat16(), k.bfloat16(), scale=scale, causal=True, settings=settings)[0]
 
     def ref_fn(*xs):
