@@ -107,21 +107,28 @@ def test_opcheck():
 
 
 def test_sparse_split_counts_the_sparse_paths_own_cost():
-    """Note [When sparse heads pay], with the constants measured on an H200: Gemma-3's layer 11 at 16k (D=256,
-    densities measured at coverage 0.995) saves less than the sparse path costs, so it stays on SDPA, at any
-    max_density; planted concentrated heads (D=128, density 0.15) at 16k go sparse, all of them; off CUDA the
+    """Note [When sparse heads pay], with the constants measured on an H200 (session 9): on Gemma-3's layer 11 at
+    16k (D=256) the Triton path pays for head 0 at coverage 0.995 (measured 0.87 ms against SDPA's 0.93) and for
+    heads 0 and 1 at 0.9 (0.66 ms); on Flex (0.46x SDPA's speed at D=256, 0.8 ms of eager launches a call) it
+    pays for none. Planted concentrated heads (D=128, density 0.15) at 16k go sparse, all of them; off CUDA the
     split is max_density's alone."""
     from asam_compile.kernels import cost
 
     gemma = dict(E=256, L=16384, S=16384, causal=True, batch=1, device_type="cuda", kernel="triton")
-    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=0.5, **gemma) == ()
-    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=1.0, **gemma) == ()
-    planted_16k = dict(E=128, L=16384, S=16384, causal=True, batch=1, device_type="cuda", kernel="flex")
+    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=0.5, **gemma) == (0,)
+    assert cost.sparse_split([0.05, 0.27, 0.65, 0.61], max_density=0.5, **gemma) == (0, 1)
+    assert cost.sparse_split([0.33, 0.79, 0.95, 0.96], max_density=1.0, **dict(gemma, kernel="flex")) == ()
+    planted_16k = dict(E=128, L=16384, S=16384, causal=True, batch=1, device_type="cuda", kernel="triton")
     assert cost.sparse_split([0.15] * 16, max_density=0.5, **planted_16k) == tuple(range(16))
-    # a head above max_density never goes sparse; a long sequence pays for a single sparse head
-    long = dict(planted_16k, L=65536, S=65536)
+    assert cost.sparse_split([0.15] * 16, max_density=0.5, **dict(planted_16k, kernel="flex")) == tuple(range(16))
+    # a head above max_density never goes sparse; a long sequence pays for a single sparse head on Flex
+    long = dict(planted_16k, L=65536, S=65536, kernel="flex")
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **long) == (1, 3)
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **dict(gemma, device_type="cpu")) == (1, 3)
+    # on the Triton path at D=128 the heads left dense run the kernel at 0.8x SDPA's speed: one sparse head of 16
+    # does not pay for the other fifteen, and a short sequence pays for nothing
+    assert cost.sparse_split([0.1] + [0.9] * 15, max_density=0.5, **planted_16k) == ()
+    assert cost.sparse_split([0.15] * 16, max_density=0.5, **dict(planted_16k, L=1024, S=1024)) == ()
 
 
 def test_explain_shows_each_heads_density_and_choice():

@@ -361,7 +361,8 @@ def test_measured_dispatch_reads_nothing_back_after_calibration(monkeypatch):
     from asam_compile.kernels import cost, dispatch, selection
     from asam_compile.models import planted_qkv
 
-    monkeypatch.setattr(cost, "SPARSE_CALL_OVERHEAD_S", 0.0)  # at 8k the split would otherwise be all SDPA
+    # at 8k the split would otherwise be all SDPA
+    monkeypatch.setattr(cost, "SPARSE_CALL_OVERHEAD_S", {"flex": 0.0, "triton": 0.0})
 
     q, k, v = planted_qkv(1, 2, 8192, 128, 4, "cuda", torch.bfloat16)
     q = q.repeat_interleave(2, dim=1).clone()
@@ -387,3 +388,36 @@ def test_measured_dispatch_reads_nothing_back_after_calibration(monkeypatch):
                                  settings=st, kept=kept)
     assert (out[:, :2].float() - ref).abs().max() < 2e-2
     assert (out[:, :2].float() - exact[:, :2].float()).abs().max() > 1e-3, "the planted heads should run sparse"
+
+
+def test_in_graph_adaptive_inference_runs_the_triton_kernel_inside_the_compiled_graph(monkeypatch):
+    """Note [The kernel inside compiled graphs]: with dense_fallback='none', a compiled inference graph runs the
+    adaptive call on asam::block_sparse_attention (traced, not opaque), equal to the dense reference of the
+    same kept blocks; a training graph of the same module keeps Flex (the kernel has no backward)."""
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels import adaptive
+    from asam_compile.kernels.selection import reference, select_blocks
+    from test_adaptive import CausalAttention, planted
+
+    calls = []
+    real = adaptive.triton_on_blocks
+    monkeypatch.setattr(adaptive, "triton_on_blocks", lambda *a: calls.append(1) or real(*a))
+    torch.compiler.reset()
+    q, k, v = (x.cuda().bfloat16() for x in planted(H=4, L=2048, E=64))
+    # coverage 0.8: the planted block and the forced ones reach it with a wide margin (as in
+    # test_gpu_adaptive_forward_and_backward_bf16), so the graph's selection and this one agree
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1, "sinks": 1,
+            "dense_fallback": "none", "strict": True}
+    with torch.no_grad():
+        out = torch.compile(CausalAttention(), backend="asam", options=opts)(q, k, v)
+    assert calls, "the inference graph did not take the Triton kernel"
+    settings = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
+    kept, _, allowed = select_blocks(q, k, scale=64**-0.5, causal=True, settings=settings)
+    assert kept.sum() < 0.6 * allowed.expand_as(kept).sum()
+    ref, _ = reference(q.double(), k.double(), v.double(), scale=64**-0.5, causal=True, settings=settings, kept=kept)
+    assert (out.double() - ref).abs().max() < 2e-2
+    calls.clear()
+    torch.compiler.reset()
+    qg = q.detach().requires_grad_()
+    torch.compile(CausalAttention(), backend="asam", options=opts)(qg, k, v).sum().backward()
+    assert not calls and qg.grad is not None and qg.grad.isfinite().all()

@@ -324,3 +324,53 @@ def test_no_keys_gives_zero_and_no_queries_gives_an_empty_result():
     out = tbs.block_sparse_attention(q[:, :, :0], k, v, num[..., :0], idx[..., :0, :], scale=0.125, causal=True,
                                      block_size=64)
     assert out.shape == (1, 2, 0, 64)
+
+
+# ------------------------------------------------- the op that compiled graphs trace into (Note [The kernel
+# inside compiled graphs])
+
+
+def _op_inputs(seed=3, L=256, H=4, Hkv=2, D=64, block_size=64):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, L, D, generator=g) for h in (H, Hkv, Hkv))
+    if DEVICE == "cuda":
+        q, k, v = (x.to(torch.float16) for x in (q, k, v))
+    QB = -(-L // block_size)
+    keep = random_keep(1, H, QB, QB, 0.5, causal=True, generator=g)
+    num, idx = tbs.block_tables(keep)
+    return [x.to(DEVICE) for x in (q, k, v, num, idx)], keep
+
+
+def test_the_op_gives_what_the_function_gives():
+    (q, k, v, num, idx), _ = _op_inputs()
+    expected = tbs.block_sparse_attention(q, k, v, num, idx, scale=0.125, causal=True, block_size=64)
+    got = torch.ops.asam.block_sparse_attention(q, k, v, num, idx, 0.125, True, 64)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert torch.equal(got, expected)
+    ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), num.cpu(), idx.cpu(), scale=0.125, causal=True, block_size=64)
+    assert (got.cpu().double() - ref).abs().max().item() < (2e-5 if q.dtype == torch.float32 else 2e-2)
+
+
+def test_the_op_has_a_fake_implementation_for_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (q, k, v, num, idx), _ = _op_inputs()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv, fn, fi = (mode.from_tensor(x) for x in (q, k, v, num, idx))
+        out = torch.ops.asam.block_sparse_attention(fq, fk, fv, fn, fi, 0.125, True, 64)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Inductor compiles user Triton kernels on CUDA only")
+def test_a_compiled_graph_runs_the_kernel_with_the_tables_built_in_the_graph():
+    from asam_compile.kernels.selection import block_tables
+
+    (q, k, v, _, _), keep = _op_inputs(L=1024, H=8, Hkv=2, D=128, block_size=128)
+    keep = keep.to(DEVICE)
+
+    def f(q, k, v, keep):
+        num, idx = block_tables(keep)
+        return torch.ops.asam.block_sparse_attention(q, k, v, num, idx, 0.1, True, 128)
+
+    with torch.no_grad():
+        assert torch.equal(torch.compile(f, fullgraph=True)(q, k, v, keep), f(q, k, v, keep))

@@ -19,7 +19,7 @@ import torch
 
 from asam_compile import _compat
 from asam_compile.config import SparseSettings
-from asam_compile.kernels import runtime
+from asam_compile.kernels import runtime, triton_block_sparse
 from asam_compile.kernels.selection import block_tables, blocks_from_tables, causal_mask_mod, select, select_blocks
 
 F = torch.nn.functional
@@ -48,12 +48,15 @@ def adaptive_attention_call(
     enable_gqa: bool,
     settings: SparseSettings,
 ) -> torch.Tensor:
-    """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v, all in Flex (a diffuse
-    (batch, head) runs all its blocks there). Traced by Inductor into the compiled graph: no host sync, the
-    selection fused with the rest of the graph. dense_fallback="none" (and every training graph)."""
+    """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v on the kept blocks (a diffuse
+    (batch, head) runs all its blocks): our Triton kernel where it runs (inference on CUDA, Note [The kernel
+    inside compiled graphs] in triton_block_sparse.py), else Flex. Traced by Inductor into the compiled graph: no
+    host sync, the selection fused with the rest of the graph. dense_fallback="none" (and every training graph)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     kept, partial, allowed = select_blocks(q, k, scale=scale, causal=causal, settings=settings)
+    if triton_block_sparse.usable(q, settings.block_size):
+        return triton_on_blocks(q, k, v, kept, settings.block_size, scale, causal)
     if q.device.type == "cpu":
         q, k, v = (runtime.own_buffer(x) for x in (q, k, v))
 
@@ -61,6 +64,15 @@ def adaptive_attention_call(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def triton_on_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, block_size: int,
+                     scale: float, causal: bool) -> torch.Tensor:
+    """asam::block_sparse_attention (our Triton kernel as an op that compiled graphs trace into) on the kept
+    blocks (B, H, QB, KB) of q (B, H, L, E) against k, v (GQA when k has fewer heads), one list per query head;
+    the causal diagonal is masked per element by the kernel. Where `triton_block_sparse.usable` holds."""
+    num, idx = block_tables(kept)
+    return torch.ops.asam.block_sparse_attention(q, k, v, num, idx, scale, causal, block_size)
 
 
 def _in_graph_block_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, partial: torch.Tensor,

@@ -57,19 +57,22 @@ def choose_kernel(
 # heads to the sparse path when the time it saves on them exceeds what the sparse path costs besides its kernel.
 # Per head, SDPA takes t = causal attention FLOPs / FLASH_FLOPS and the sparse kernel density * t / speed, with
 # `speed` its rate per kept block relative to the SDPA the exact rewrite calls (torch's default backend choice).
-# Besides, the sparse path costs SPARSE_CALL_OVERHEAD_S a call (selection, block tables, launches from the opaque
-# op). Measured on an H200 (torch 2.11, bf16; benchmarks/RESULTS.md, session 8) on Gemma-3-270M's layer 11 at 16k
-# tokens (4 q heads, 1 kv head, D = 256): default SDPA 0.93 ms; our Triton kernel 0.906 ms at density 1 (so
-# speed 1.0 against the default SDPA; 2.3x against SDPA forced to its flash backend, FlashAttention-2, which was the
-# helper's baseline); all four heads through the dispatch's sparse path took 1.42 ms at density 0.83 and 1.33 ms at
-# density 0.58, i.e. about 0.7-0.8 ms more than the kernel alone. Flex: 0.68x flash at D <= 128 (above), and at
-# D = 256 it ran the same layer's kept blocks at about 0.46x. With these constants that layer stays on SDPA at
-# every coverage, as measured; planted concentrated inputs at 16k-64k (H=16, D=128; density 0.1-0.2) go sparse.
+# On the Triton kernel the path is one compiled call for all heads (Note [The kernel inside compiled graphs] in
+# triton_block_sparse.py): the heads left dense run the kernel on all their blocks, at t / speed, so where speed
+# < 1 they count as a loss; on Flex the dense heads run SDPA on their slice. Besides, the sparse path costs
+# SPARSE_CALL_OVERHEAD_S a call on the GPU (selection and block tables). Measured on an H200 (torch 2.11, bf16;
+# benchmarks/RESULTS.md, session 9, dispatch_breakdown.py) at 16k tokens: our Triton kernel at density 1 took
+# 0.903 ms on Gemma-3-270M's layer 11 (4 q heads, 1 kv head, D = 256) against the default SDPA's 0.93 ms (speed
+# 1.03, taken as 1.0), and 2.13 ms against 1.70 ms on planted inputs with H = 16, D = 128 (speed 0.80; D = 64 not
+# measured, taken as D = 128's); the compiled path with every head dense took 0.07-0.08 ms more than the kernel
+# alone on both. The eager path of session 8 (an opaque op launching the selection, ~10 table kernels and the
+# kernel one by one) cost 0.7-0.8 ms; Flex keeps that constant. Flex: 0.68x flash at D <= 128 (above), 0.46x at
+# D = 256 (measured on the same layer's kept blocks).
 SPARSE_BLOCK_SPEED = {
     "flex": {64: FLEX_SPEED, 128: FLEX_SPEED, 256: 0.46},
-    "triton": {64: 1.0, 128: 1.0, 256: 1.0},
+    "triton": {64: 0.80, 128: 0.80, 256: 1.0},
 }
-SPARSE_CALL_OVERHEAD_S = 8e-4
+SPARSE_CALL_OVERHEAD_S = {"flex": 8e-4, "triton": 1e-4}
 
 
 def sparse_speed(E: int, kernel: str) -> float:
@@ -93,9 +96,11 @@ def sparse_split(density: list[float], *, max_density: float, E: int, L: int, S:
         return tuple(sorted(h for _, h in eligible))
     t = head_seconds(L, S, E, causal, batch)
     speed = sparse_speed(E, kernel)
-    best, best_gain, gain, chosen = (), 0.0, -SPARSE_CALL_OVERHEAD_S, []
+    # on the Triton path every head not chosen runs the kernel on all its blocks
+    dense_loss = t * max(0.0, 1.0 / speed - 1.0) if kernel == "triton" else 0.0
+    best, best_gain, gain, chosen = (), 0.0, -SPARSE_CALL_OVERHEAD_S[kernel] - len(density) * dense_loss, []
     for d, h in eligible:
-        gain += t * (1.0 - d / speed)
+        gain += t * (1.0 - d / speed) + dense_loss
         chosen.append(h)
         if gain > best_gain:
             best, best_gain = tuple(sorted(chosen)), gain

@@ -11,10 +11,11 @@ up to a power of two):
      its allowed key blocks that it keeps, averaged over the batch) on the host: one sync per calibration call;
   2. heads at or below max_density run sparse (selection + the sparse kernel on their kept blocks, with the
      in-graph max_density rule for a (batch, head) that is diffuse on this input) where, on CUDA, the time they
-     save beats the sparse path's own cost (cost.sparse_split, Note [When sparse heads pay]); the others run SDPA
-     on their slice, K and V gathered per head with index tensors kept on the device; no head sparse: SDPA alone
-     and no selection. The sparse kernel is our Triton one where it runs (CUDA, fp16/bf16, D 64/128/256), else
-     Flex;
+     save beats the sparse path's own cost (cost.sparse_split, Note [When sparse heads pay]); no head sparse:
+     SDPA alone and no selection. The sparse kernel is our Triton one where it runs (CUDA, fp16/bf16, D
+     64/128/256, block 64/128): then one compiled call (selection, block tables, kernel) for all heads, the heads
+     left dense given all their blocks (a device mask). Elsewhere Flex, eagerly called, and the dense heads run
+     SDPA on their slice, K and V gathered per head with index tensors kept on the device;
   3. every RECHECK_EVERY-th call of a bucket measures again (one sync) and updates the split.
 Between those calls no value is read back: the split is a Python tuple of head indices. The decision is shown by
 `decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
@@ -34,7 +35,7 @@ import torch
 from asam_compile import _compat
 from asam_compile.config import SparseSettings
 from asam_compile.kernels import cost
-from asam_compile.kernels.selection import block_tables
+from asam_compile.kernels.selection import select
 
 F = torch.nn.functional
 
@@ -97,52 +98,73 @@ def _selection(q: torch.Tensor, k: torch.Tensor, settings: SparseSettings, scale
     return compiled("select", q.device.type)(q, k, scale=scale, causal=causal, settings=settings)
 
 
-def sparse_kernel(q: torch.Tensor) -> str:
-    """"triton" (asam_compile/kernels/triton_block_sparse.py) where it runs: CUDA, Triton importable, fp16 or
-    bf16, head dim 64, 128 or 256; else "flex"."""
+def sparse_kernel(q: torch.Tensor, block_size: int) -> str:
+    """"triton" (asam_compile/kernels/triton_block_sparse.py) where it runs (`triton_block_sparse.usable`: CUDA,
+    fp16 or bf16, head dim 64, 128 or 256, block 64 or 128); else "flex"."""
     from asam_compile.kernels import triton_block_sparse
 
-    if (q.is_cuda and triton_block_sparse.triton is not None and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in (64, 128, 256)):
-        return "triton"
-    return "flex"
+    with torch.no_grad():
+        return "triton" if triton_block_sparse.usable(q, block_size) else "flex"
+
+
+def _triton_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense_heads: torch.Tensor,
+                 settings: SparseSettings, scale: float, causal: bool) -> torch.Tensor:
+    """The sparse path on the Triton kernel, compiled as one graph (selection, block tables, kernel: Note [The
+    kernel inside compiled graphs]): every head, the `dense_heads` ((H,) bool) and the diffuse (batch, head) pairs
+    with all their allowed blocks (the kernel then runs at about SDPA's speed), the others on their kept blocks."""
+    from asam_compile.kernels.adaptive import triton_on_blocks
+
+    kept, _, allowed, dense = select(q, k, scale=scale, causal=causal, settings=settings)
+    kept = torch.where(dense[..., None, None] | dense_heads[None, :, None, None], allowed, kept)
+    return triton_on_blocks(q, k, v, kept, settings.block_size, scale, causal)
+
+
+_TRITON_PATH: list[Any] = []
+
+
+def compiled_triton_path() -> Any:
+    """_triton_path under torch.compile, built once: (q, k, v, dense_heads, settings, scale, causal) -> out."""
+    if not _TRITON_PATH:
+        _TRITON_PATH.append(torch.compile(_triton_path, dynamic=False))
+    return _TRITON_PATH[0]
 
 
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
             causal: bool) -> torch.Tensor:
-    """Selection and the sparse kernel on the kept blocks for every head of q (a diffuse (batch, head) keeps all
-    its blocks): the Triton kernel where it runs (per query head tables), else Flex."""
+    """Selection and Flex on the kept blocks for every head of q (a diffuse (batch, head) keeps all its
+    blocks), eagerly called: where the Triton kernel does not run."""
     from asam_compile.kernels.adaptive import flex_on_blocks
 
     kept, partial, allowed, dense = _selection(q, k, settings, scale, causal)
     kept = torch.where(dense[..., None, None], allowed, kept)
-    if sparse_kernel(q) == "triton":
-        from asam_compile.kernels.triton_block_sparse import block_sparse_attention
-
-        num, idx = block_tables(kept)
-        return block_sparse_attention(q, k, v, num, idx, scale=scale, causal=causal, block_size=settings.block_size)
     return flex_on_blocks(q, k, v, kept, partial, settings.block_size, scale, causal)
 
 
 def split_index(H: int, Hkv: int, sparse: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Device index tensors of a head split: the sparse and dense q heads and the kv head each one reads."""
+    """Device tensors of a head split: the sparse and dense q heads and the kv head each one reads (for the Flex
+    path's gathers), and the dense heads as an (H,) bool (for the Triton path)."""
     group = H // Hkv
     dense = [h for h in range(H) if h not in set(sparse)]
     idx = {"s": list(sparse), "d": dense, "s_kv": [h // group for h in sparse], "d_kv": [h // group for h in dense]}
-    return {name: torch.tensor(x, device=device, dtype=torch.long) for name, x in idx.items()}
+    index = {name: torch.tensor(x, device=device, dtype=torch.long) for name, x in idx.items()}
+    index["dense_heads"] = torch.tensor([h in set(dense) for h in range(H)], device=device, dtype=torch.bool)
+    return index
 
 
 def run_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
               causal: bool, sparse: Sequence[int], index: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention with the q heads in `sparse` run adaptive sparse and the others SDPA (Note [Dispatch by measured
-    density]). K and V are gathered per head for a split that does not follow the kv groups. `index`: the split's
+    density]). On the Triton kernel, one compiled call for all heads, the others with all their blocks; on Flex,
+    K and V are gathered per head for a split that does not follow the kv groups. `index`: the split's
     split_index (built here if not given: a copy to the device)."""
     H, Hkv = q.shape[1], k.shape[1]
     if not sparse:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
+    ix = index or split_index(H, Hkv, sparse, q.device)
+    if sparse_kernel(q, settings.block_size) == "triton":
+        return compiled_triton_path()(q, k, v, ix["dense_heads"], settings, scale, causal)
     if len(sparse) == H:
         return _sparse(q, k, v, settings, scale, causal)
-    ix = index or split_index(H, Hkv, sparse, q.device)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     out[:, ix["s"]] = _sparse(q[:, ix["s"]], k[:, ix["s_kv"]], v[:, ix["s_kv"]], settings, scale, causal)
     out[:, ix["d"]] = F.scaled_dot_product_attention(q[:, ix["d"]], k[:, ix["d_kv"]], v[:, ix["d_kv"]],
@@ -162,10 +184,10 @@ def _measure(bucket: Bucket, q: torch.Tensor, k: torch.Tensor, settings: SparseS
         bucket.measured = min(m + 1, CALIBRATION_CALLS)  # later measurements weigh as much as the calibration's
         split = cost.sparse_split(bucket.density, max_density=settings.max_density, E=q.shape[-1], L=q.shape[2],
                                   S=k.shape[2], causal=causal, batch=q.shape[0], device_type=q.device.type,
-                                  kernel=sparse_kernel(q))
+                                  kernel=sparse_kernel(q, settings.block_size))
         if split != bucket.sparse:
             bucket.sparse = split
-            bucket.index = split_index(q.shape[1], k.shape[1], split, q.device) if 0 < len(split) < q.shape[1] else {}
+            bucket.index = split_index(q.shape[1], k.shape[1], split, q.device) if split else {}
 
 
 @torch.library.custom_op("asam::adaptive_dispatch", mutates_args=())

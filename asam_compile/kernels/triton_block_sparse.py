@@ -264,6 +264,39 @@ def block_sparse_attention(
     return (out, lse) if return_lse else out
 
 
+# Note [The kernel inside compiled graphs]
+# block_sparse_attention launches the kernel eagerly. A compiled graph (the adaptive calls, Note [Adaptive sparse
+# attention] in selection.py) calls it as a custom op, asam::block_sparse_attention, whose fake implementation
+# gives the output's shape: Inductor compiles the selection and the block tables before it into a few fused
+# kernels and calls the op as an extern kernel, instead of the ~10 eager launches (and their Python) around
+# the kernel that the measured dispatch made (on an H200 at 16k tokens, Gemma-3 layer 11: the eager block tables
+# alone took 0.13-0.3 ms, the kernel at density 0.39 0.37 ms; benchmarks/RESULTS.md, session 9). Not a
+# torch.library.triton_op (which lets Inductor see the kernel itself): Inductor 2.11 failed to compile our kernel
+# from it (Triton's assertion on the accumulator of tl.dot(p, v, acc)), and there is nothing to fuse into the
+# kernel anyway. There is no autograd formula (Note [Forward only]): the adaptive calls take the op only where no
+# input needs a gradient (`usable`).
+def usable(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the compiled graph of an adaptive call should run this kernel on q (B, H, L, D): Triton
+    importable, CUDA, float16 or bfloat16, D 64, 128 or 256 (the tuned launch tables), a block of 64 or 128
+    (tuned: 128), and no gradient asked of q (Note [Forward only])."""
+    return (triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in (64, 128, 256) and block_size in (64, 128)
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+@torch.library.custom_op("asam::block_sparse_attention", mutates_args=())
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+        scale: float, causal: bool, block_size: int) -> torch.Tensor:
+    """block_sparse_attention as an op that compiled graphs call (Note [The kernel inside compiled graphs])."""
+    return block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale=scale, causal=causal,
+                                  block_size=block_size)
+
+
+@_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, scale, causal, block_size):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
            kv_indices: torch.Tensor, scale: float, block_size: int, interpret: bool) -> None:
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):

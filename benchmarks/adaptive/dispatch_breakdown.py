@@ -3,9 +3,11 @@
 On one saved layer (benchmarks/adaptive/gemma3_qkv.py) or planted inputs: SDPA with each backend (the default
 choice, flash only, cuDNN only; K/V repeated to the query heads and with enable_gqa), the Triton block-sparse
 kernel at density 1 and on the selection's kept blocks, Flex on the same blocks, the selection alone, the block
-tables alone, and asam::adaptive_dispatch in its steady state. Each row: median of --iters calls (CUDA events).
+tables alone, the dispatch's compiled Triton path (selection, tables and kernel in one graph) with every head
+dense and with every head sparse, and asam::adaptive_dispatch in its steady state. Each row: median of --iters calls (CUDA events).
 
     python benchmarks/adaptive/dispatch_breakdown.py --inputs benchmarks/data_local/gemma3_qkv_16k/gemma3_L16384_layer11.pt
+    python benchmarks/adaptive/dispatch_breakdown.py --inputs planted --seq 65536 --heads 16 --dim 128
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from asam_compile.measure import header_line, run_header, time_ms
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", required=True, help="a saved {'q','k','v'} file")
+    p.add_argument("--inputs", required=True, help="a saved {'q','k','v'} file, or 'planted' (models.planted_qkv)")
+    p.add_argument("--heads", type=int, default=16, help="planted: query heads (one kv head per query head)")
+    p.add_argument("--dim", type=int, default=128, help="planted: head dim")
+    p.add_argument("--hits", type=int, default=4, help="planted: key blocks each query block attends to")
     p.add_argument("--seq", type=int, default=16384)
     p.add_argument("--coverage", type=float, default=0.9)
     p.add_argument("--iters", type=int, default=20)
@@ -37,8 +42,13 @@ def main() -> None:
     from asam_compile.kernels import adaptive, dispatch, selection, triton_block_sparse
 
     dev = "cuda"
-    saved = torch.load(args.inputs)
-    q, k, v = (saved[n][..., :args.seq, :].to(dev, torch.bfloat16).contiguous() for n in ("q", "k", "v"))
+    if args.inputs == "planted":
+        from asam_compile.models import planted_qkv
+
+        q, k, v = planted_qkv(1, args.heads, args.seq, args.dim, args.hits, dev, torch.bfloat16)
+    else:
+        saved = torch.load(args.inputs)
+        q, k, v = (saved[n][..., :args.seq, :].to(dev, torch.bfloat16).contiguous() for n in ("q", "k", "v"))
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
     kr, vr = (x.repeat_interleave(H // Hkv, 1) for x in (k, v))
     scale = D**-0.5
@@ -88,6 +98,11 @@ def main() -> None:
                                   BLOCK_SIZE=128, mask_mod=selection.causal_mask_mod, seq_lengths=(args.seq, args.seq),
                                   compute_q_blocks=False)
     row(f"Flex, kept blocks (density {density:.2f})", lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True))
+    path = dispatch.compiled_triton_path()
+    all_dense, none_dense = (torch.full((H,), b, device=dev) for b in (True, False))
+    row("Triton path compiled (selection + tables + kernel), every head dense",
+        lambda: path(q, k, v, all_dense, st, scale, True))
+    row("Triton path compiled, every head on its kept blocks", lambda: path(q, k, v, none_dense, st, scale, True))
     site = dispatch.new_site("breakdown")
     op_args = (q, k, v, scale, True, site, 128, args.coverage, 1.0, 2, 1)
     with torch.no_grad():
