@@ -125,9 +125,8 @@ def test_sparse_split_counts_the_sparse_paths_own_cost():
     long = dict(planted_16k, L=65536, S=65536, kernel="flex")
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **long) == (1, 3)
     assert cost.sparse_split([0.9, 0.1, 0.6, 0.2], max_density=0.5, **dict(gemma, device_type="cpu")) == (1, 3)
-    # on the Triton path at D=128 the heads left dense run the kernel at 0.8x SDPA's speed: one sparse head of 16
-    # does not pay for the other fifteen, and a short sequence pays for nothing
-    assert cost.sparse_split([0.1] + [0.9] * 15, max_density=0.5, **planted_16k) == ()
+    # one sparse head of 16 pays at 64k (the others run SDPA on their slice); at 1k nothing pays
+    assert cost.sparse_split([0.1] + [0.9] * 15, max_density=0.5, **dict(planted_16k, L=65536, S=65536)) == (0,)
     assert cost.sparse_split([0.15] * 16, max_density=0.5, **dict(planted_16k, L=1024, S=1024)) == ()
 
 

@@ -57,9 +57,9 @@ def choose_kernel(
 # heads to the sparse path when the time it saves on them exceeds what the sparse path costs besides its kernel.
 # Per head, SDPA takes t = causal attention FLOPs / FLASH_FLOPS and the sparse kernel density * t / speed, with
 # `speed` its rate per kept block relative to the SDPA the exact rewrite calls (torch's default backend choice).
-# On the Triton kernel the path is one compiled call for all heads (Note [The kernel inside compiled graphs] in
-# triton_block_sparse.py): the heads left dense run the kernel on all their blocks, at t / speed, so where speed
-# < 1 they count as a loss; on Flex the dense heads run SDPA on their slice. Besides, the sparse path costs
+# The heads left dense run SDPA on their slice, or, where the Triton kernel runs a block as fast as SDPA (speed
+# >= 1), the kernel on all their blocks in the same compiled call (Note [The kernel inside compiled graphs] in
+# triton_block_sparse.py): either way at about t. Besides, the sparse path costs
 # SPARSE_CALL_OVERHEAD_S a call on the GPU (selection and block tables). Measured on an H200 (torch 2.11, bf16;
 # benchmarks/RESULTS.md, session 9, dispatch_breakdown.py) at 16k tokens: our Triton kernel at density 1 took
 # 0.903 ms on Gemma-3-270M's layer 11 (4 q heads, 1 kv head, D = 256) against the default SDPA's 0.93 ms (speed
@@ -96,11 +96,9 @@ def sparse_split(density: list[float], *, max_density: float, E: int, L: int, S:
         return tuple(sorted(h for _, h in eligible))
     t = head_seconds(L, S, E, causal, batch)
     speed = sparse_speed(E, kernel)
-    # on the Triton path every head not chosen runs the kernel on all its blocks
-    dense_loss = t * max(0.0, 1.0 / speed - 1.0) if kernel == "triton" else 0.0
-    best, best_gain, gain, chosen = (), 0.0, -SPARSE_CALL_OVERHEAD_S[kernel] - len(density) * dense_loss, []
+    best, best_gain, gain, chosen = (), 0.0, -SPARSE_CALL_OVERHEAD_S[kernel], []
     for d, h in eligible:
-        gain += t * (1.0 - d / speed) + dense_loss
+        gain += t * (1.0 - d / speed)
         chosen.append(h)
         if gain > best_gain:
             best, best_gain = tuple(sorted(chosen)), gain

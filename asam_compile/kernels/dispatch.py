@@ -13,9 +13,11 @@ up to a power of two):
      in-graph max_density rule for a (batch, head) that is diffuse on this input) where, on CUDA, the time they
      save beats the sparse path's own cost (cost.sparse_split, Note [When sparse heads pay]); no head sparse:
      SDPA alone and no selection. The sparse kernel is our Triton one where it runs (CUDA, fp16/bf16, D
-     64/128/256, block 64/128): then one compiled call (selection, block tables, kernel) for all heads, the heads
-     left dense given all their blocks (a device mask). Elsewhere Flex, eagerly called, and the dense heads run
-     SDPA on their slice, K and V gathered per head with index tensors kept on the device;
+     64/128/256, block 64/128): one compiled call (selection, block tables, kernel). Where the kernel runs a
+     block as fast as SDPA (D = 256), that call takes all heads and the heads left dense get all their blocks (a
+     device mask); elsewhere the sparse heads are gathered for it and the dense heads run SDPA on their slice.
+     Without the Triton kernel, Flex, eagerly called, with the same gathers. The gathers use index tensors kept
+     on the device;
   3. every RECHECK_EVERY-th call of a bucket measures again (one sync) and updates the split.
 Between those calls no value is read back: the split is a Python tuple of head indices. The decision is shown by
 `decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
@@ -141,32 +143,40 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseS
 
 
 def split_index(H: int, Hkv: int, sparse: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Device tensors of a head split: the sparse and dense q heads and the kv head each one reads (for the Flex
-    path's gathers), and the dense heads as an (H,) bool (for the Triton path)."""
+    """Device tensors of a head split: the sparse and dense q heads and the kv head each one reads (for the
+    gathers), and the dense heads as an (H,) bool (for the Triton path over all heads; all False for the
+    gathered sparse heads)."""
     group = H // Hkv
     dense = [h for h in range(H) if h not in set(sparse)]
     idx = {"s": list(sparse), "d": dense, "s_kv": [h // group for h in sparse], "d_kv": [h // group for h in dense]}
     index = {name: torch.tensor(x, device=device, dtype=torch.long) for name, x in idx.items()}
     index["dense_heads"] = torch.tensor([h in set(dense) for h in range(H)], device=device, dtype=torch.bool)
+    index["s_none_dense"] = torch.zeros(len(sparse), device=device, dtype=torch.bool)  # the gathered sparse heads
     return index
 
 
 def run_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SparseSettings, scale: float,
               causal: bool, sparse: Sequence[int], index: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention with the q heads in `sparse` run adaptive sparse and the others SDPA (Note [Dispatch by measured
-    density]). On the Triton kernel, one compiled call for all heads, the others with all their blocks; on Flex,
-    K and V are gathered per head for a split that does not follow the kv groups. `index`: the split's
-    split_index (built here if not given: a copy to the device)."""
+    density]). On the Triton kernel where it runs a block as fast as SDPA (cost.sparse_speed), one compiled call
+    for all heads, the others with all their blocks; else the sparse heads' q, K and V are gathered (per head, for
+    a split that does not follow the kv groups) for the sparse path and the others' for SDPA. `index`: the
+    split's split_index (built here if not given: a copy to the device)."""
     H, Hkv = q.shape[1], k.shape[1]
     if not sparse:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hkv != H)
     ix = index or split_index(H, Hkv, sparse, q.device)
-    if sparse_kernel(q, settings.block_size) == "triton":
+    kernel = sparse_kernel(q, settings.block_size)
+    if kernel == "triton" and (len(sparse) == H or cost.sparse_speed(q.shape[-1], kernel) >= 1.0):
         return compiled_triton_path()(q, k, v, ix["dense_heads"], settings, scale, causal)
     if len(sparse) == H:
         return _sparse(q, k, v, settings, scale, causal)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    out[:, ix["s"]] = _sparse(q[:, ix["s"]], k[:, ix["s_kv"]], v[:, ix["s_kv"]], settings, scale, causal)
+    qs, ks, vs = q[:, ix["s"]], k[:, ix["s_kv"]], v[:, ix["s_kv"]]
+    if kernel == "triton":
+        out[:, ix["s"]] = compiled_triton_path()(qs, ks, vs, ix["s_none_dense"], settings, scale, causal)
+    else:
+        out[:, ix["s"]] = _sparse(qs, ks, vs, settings, scale, causal)
     out[:, ix["d"]] = F.scaled_dot_product_attention(q[:, ix["d"]], k[:, ix["d_kv"]], v[:, ix["d_kv"]],
                                                      is_causal=causal, scale=scale)
     return out
