@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -158,6 +159,15 @@ def test_bench_builtin_attention_adaptive(tmp_path):
     assert m["asam"]["max_err"] < 1e-4 and m["sdpa-edited-eager"]["max_err"] < 1e-4
     # approximate, but on concentrated attention close to exact (coverage 0.995)
     assert 0 < m["asam-adaptive"]["max_err"] < 0.05, m["asam-adaptive"]
+    # the measured dispatch's choice is in the note: both heads of the one site measured, each sparse only at or
+    # below max_density (0.5; on CPU nothing else counts)
+    note = m["asam-adaptive"]["note"]
+    found = re.search(r"dispatch: (\d)/2 heads sparse in (\d)/1 site buckets \(density ([\d.]+)\)", note)
+    assert found, note
+    assert (found[2] == "0") == (found[1] == "0"), note
+    if float(found[3]) <= 0.5:  # some head at or below max_density, which on CPU runs sparse
+        assert found[1] != "0", note
+    assert "dispatch" not in m["asam"]["note"]
 
 
 def test_explain_prints_sites_and_adaptive_settings(capsys, tmp_path):

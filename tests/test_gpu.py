@@ -421,3 +421,25 @@ def test_in_graph_adaptive_inference_runs_the_triton_kernel_inside_the_compiled_
     qg = q.detach().requires_grad_()
     torch.compile(CausalAttention(), backend="asam", options=opts)(qg, k, v).sum().backward()
     assert not calls and qg.grad is not None and qg.grad.isfinite().all()
+
+
+def test_in_graph_triton_adaptive_under_dynamic_shapes():
+    """The Triton op inside a graph compiled with dynamic shapes: two lengths through one compiled module, each
+    equal to the dense reference of its own kept blocks (Note [Adaptive under dynamic shapes])."""
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels.selection import reference, select_blocks
+    from test_adaptive import CausalAttention, planted
+
+    torch.compiler.reset()
+    opts = {"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "max_density": 1.0, "window": 1, "sinks": 1,
+            "dense_fallback": "none", "strict": True}
+    model = torch.compile(CausalAttention(), backend="asam", options=opts, dynamic=True)
+    settings = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
+    for L in (2048, 2560):
+        q, k, v = (x.cuda().bfloat16() for x in planted(H=4, L=L, E=64))
+        with torch.no_grad():
+            out = model(q, k, v)
+        kept = select_blocks(q, k, scale=64**-0.5, causal=True, settings=settings)[0]
+        ref, _ = reference(q.double(), k.double(), v.double(), scale=64**-0.5, causal=True, settings=settings,
+                           kept=kept)
+        assert (out.double() - ref).abs().max() < 2e-2, L

@@ -374,3 +374,40 @@ def test_a_compiled_graph_runs_the_kernel_with_the_tables_built_in_the_graph():
 
     with torch.no_grad():
         assert torch.equal(torch.compile(f, fullgraph=True)(q, k, v, keep), f(q, k, v, keep))
+
+
+# ------------------------------------- the measured dispatch's Triton branches (Note [Dispatch by measured
+# density]), run here through the interpreter with the compiled path left eager
+
+
+@pytest.mark.parametrize("kernel_speed", [0.8, 1.0], ids=["gathered", "all_heads"])
+def test_dispatch_split_on_the_triton_kernel(monkeypatch, kernel_speed):
+    """run_split with heads 0 and 2 sparse: below SDPA's speed per block the sparse heads are gathered for the
+    Triton path and the others run SDPA; at SDPA's speed one call takes all heads, the dense ones with all their
+    blocks. Either way the sparse heads equal the reference of their own selection, the dense heads exact."""
+    from asam_compile.config import SparseSettings
+    from asam_compile.kernels import cost, dispatch, selection
+    from test_adaptive import planted
+
+    monkeypatch.setattr(dispatch, "sparse_kernel", lambda q, block_size: "triton")
+    monkeypatch.setattr(dispatch, "compiled_triton_path", lambda: dispatch._triton_path)
+    monkeypatch.setitem(cost.SPARSE_BLOCK_SPEED, "triton", {64: kernel_speed, 128: kernel_speed, 256: 1.0})
+    q, k, v = (x.to(DEVICE) for x in planted(H=4, L=512, E=64))
+    k, v = k[:, ::2].contiguous(), v[:, ::2].contiguous()  # 2 kv heads: heads 0, 2 read different ones
+    st = SparseSettings(128, 0.8, 1.0, 0, 1, 1)
+    scale = 64**-0.5
+    with torch.no_grad():
+        out = dispatch.run_split(q, k, v, st, scale, True, (0, 2))
+    ref_dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                                                 v.double().repeat_interleave(2, 1), is_causal=True)
+    for h in (1, 3):
+        assert (out[:, h].double() - ref_dense[:, h]).abs().max() < 1e-4, h
+    for h in (0, 2):
+        qh, kh, vh = q[:, h:h + 1], k[:, h // 2:h // 2 + 1], v[:, h // 2:h // 2 + 1]
+        kept = selection.select_blocks(qh, kh, scale=scale, causal=True, settings=st)[0]
+        assert kept.sum() < 0.8 * selection.select_blocks(qh, kh, scale=scale, causal=True, settings=st)[2].expand_as(
+            kept).sum(), "the planted head should keep few blocks"
+        ref, _ = selection.reference(qh.double(), kh.double(), vh.double(), scale=scale, causal=True, settings=st,
+                                     kept=kept)
+        assert (out[:, h:h + 1].double() - ref).abs().max() < 1e-4, h
+        assert (out[:, h].double() - ref_dense[:, h]).abs().max() > 1e-3, "sparse heads should differ from exact"
