@@ -277,6 +277,18 @@ def outside_dispatch_modes():
     return _disable_current_modes()
 
 
+def more_recompiles(limit: int = 64):
+    """A context in which Dynamo compiles a function for up to `limit` different guards before it falls back to
+    running it uncompiled (torch._dynamo.config.recompile_limit, 8 by default; cache_size_limit before torch 2.6;
+    checked on torch 2.11, 2.13). For the compiled helpers that the adaptive ops call eagerly: a measured
+    dispatch gathers a different number of heads per site, and torch.compile(flex_attention) specialises the
+    head count even with dynamic=True (Note [Dispatch by measured density])."""
+    import torch._dynamo.config as config
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(limit, getattr(config, name))})
+
+
 def autograd_inside_op():
     """A context in which autograd records again, inside a custom op's implementation (checked on torch 2.11,
     2.13). The dispatcher runs a custom op's kernel with the autograd keys excluded; the backward op of

@@ -136,3 +136,33 @@ def test_explain_shows_each_heads_density_and_choice():
                                   options={"mode": "adaptive", "min_seq_len": 0, "coverage": 0.8, "window": 1})
     (cand,) = report.candidates
     assert "sparse heads [0, 1] of densities" in cand.info["dispatch"], cand.info
+
+
+def test_more_head_splits_than_dynamos_recompile_limit(monkeypatch):
+    """Each split shape compiles the Flex helper once; a model whose sites split their heads in more than 8 ways
+    (Dynamo's default recompile limit) still runs every one compiled and exact on its kept blocks (without the
+    op's raised limit, the ninth shape fell back to eager Flex, which fails inside the op: SmolLM2 at 8k on CPU)."""
+    from asam_compile.kernels import cost
+
+    H = 10
+    g = torch.Generator().manual_seed(1)
+    # (B, L, H, E) transposed, as HF models hand them over
+    q, k, v = (torch.randn(1, 256, H, 32, generator=g).transpose(1, 2) for _ in range(3))
+    torch.compiler.reset()
+    for n in range(1, H):
+        monkeypatch.setattr(cost, "sparse_split", lambda *a, n=n, **kw: tuple(range(n)))
+        site = dispatch.new_site(f"split{n}")
+
+        # the op inside a compiled graph, as a rewritten model calls it; one code object per site, as per layer
+        namespace = {"op": torch.ops.asam.adaptive_dispatch, "SCALE": SCALE}
+        exec(compile(f"def f(q, k, v):\n    return op(q, k, v, SCALE, True, {site!r}, 64, 0.8, 1.0, 1, 1)\n",
+                     f"<site {n}>", "exec"), namespace)
+        out = torch.compile(namespace["f"], backend="aot_eager", fullgraph=True)(q, k, v)
+        (bucket,) = dispatch._SITES[site].values()
+        assert bucket.sparse == tuple(range(n))
+        st = SparseSettings(64, 0.8, 1.0, 0, 1, 1)
+        ref, _ = selection.reference(q[:, :n], k[:, :n], v[:, :n], scale=SCALE, causal=True, settings=st)
+        torch.testing.assert_close(out[:, :n], ref.to(out.dtype), atol=EXACT_TOL, rtol=0)
+        dense = torch.nn.functional.scaled_dot_product_attention(q[:, n:], k[:, n:], v[:, n:], is_causal=True,
+                                                                 scale=SCALE)
+        torch.testing.assert_close(out[:, n:], dense, atol=EXACT_TOL, rtol=0)

@@ -269,7 +269,7 @@ def adaptive_attention(
     """Adaptive block-sparse attention of (B, H, L, E) q and (B, H_kv, S, E) k, v (GQA when H_kv < H):
     (B, H, L, E), contiguous. Note [Adaptive attention op]."""
     settings = _op_settings(block_size, coverage, max_density, window, sinks, estimator)
-    with torch.no_grad(), _compat.outside_dispatch_modes():
+    with torch.no_grad(), _compat.outside_dispatch_modes(), _compat.more_recompiles():
         # detached: Flex refuses inputs that require grad without the q-side indices of its backward
         return _attend(q.detach(), k.detach(), v.detach(), settings, scale, causal).contiguous()
 
@@ -287,7 +287,7 @@ def adaptive_attention_backward(
     """Gradients of asam::adaptive_attention with respect to q, k, v: the forward recomputed (the selection
     is a function of q and k, so it is the same) and differentiated; no gradient flows through the selection."""
     settings = _op_settings(block_size, coverage, max_density, window, sinks, estimator)
-    with torch.enable_grad(), _compat.outside_dispatch_modes(), _compat.autograd_inside_op():
+    with torch.enable_grad(), _compat.outside_dispatch_modes(), _compat.autograd_inside_op(), _compat.more_recompiles():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         out = _attend(*leaves, settings, scale, causal)
         grads = torch.autograd.grad(out, leaves, grad)

@@ -19,7 +19,11 @@ up to a power of two):
      Without the Triton kernel, Flex, eagerly called, with the same gathers. The gathers use index tensors kept
      on the device;
   3. every RECHECK_EVERY-th call of a bucket measures again (one sync) and updates the split.
-Between those calls no value is read back: the split is a Python tuple of head indices. The decision is shown by
+Between those calls no value is read back: the split is a Python tuple of head indices. The compiled helpers
+(selection, Flex, the Triton path) see a different number of heads per split, and Dynamo compiles each shape once:
+the op raises Dynamo's recompile limit (8 by default, after which it would run them uncompiled, and eager Flex
+fails inside the op) to 64 while it runs (measured on CPU with SmolLM2 at 8k, whose 30 sites split 9 heads in
+many ways; on the H200 the same model ran 0.59x the exact rewrite, the likely cause). The decision is shown by
 `decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
 the exact rewrite's time plus a dictionary look-up. Inference only: a graph that needs gradients takes the in-graph
 call (the plan stage decides; the split would change the function between forward and backward).
@@ -210,7 +214,7 @@ def adaptive_dispatch(
     settings = SparseSettings(block_size=block_size, coverage=coverage, max_density=max_density, min_seq_len=0,
                               window=window, sinks=sinks, dense_fallback="measured", estimator=estimator)
     bucket = _bucket(site, q, k)
-    with torch.no_grad(), _compat.outside_dispatch_modes():
+    with torch.no_grad(), _compat.outside_dispatch_modes(), _compat.more_recompiles():
         if bucket.due():
             _measure(bucket, q, k, settings, scale, causal)
         bucket.calls += 1
