@@ -5,6 +5,8 @@ the tests and the benchmarks use:
     select_blocks(...)          -> (kept, partial, allowed), the max_density rule applied (dense pairs keep all)
     take_by_coverage(rest, need) the fewest blocks, largest estimates first, whose estimates reach `need`
     sampled_mass(...)           the "sampled" estimator's block mass (Note [Block estimators])
+    dual_mass(...)              the "dual" estimator's: the mean of pooled_q_mass and pooled_k_mass (same Note)
+    block_means(x, n, size)     the per-block means the estimators pool
     block_tables(blocks)        a bool block set as FlexAttention's (num_blocks, indices) tables
     block_density(kept, allowed), reference(q, k, v, ...) (dense evaluation of the selection, for accuracy studies)
     causal_mask_mod             the causal mask_mod of the cut blocks
@@ -16,7 +18,8 @@ For each (batch, head, query block) of 128 queries:
   1. always keep the `sinks` leading key blocks and the `window` key blocks ending at the diagonal;
   2. estimate the attention mass of every allowed key block from pooled queries and keys: the softmax,
      over key blocks, of  mean(q over the query block) . mean(k over the key block) * scale  (plus the log
-     of the key block's length, so a short last block weighs less);
+     of the key block's length, so a short last block weighs less); or with another estimator (Note [Block
+     estimators]);
   3. keep, besides the forced blocks, the fewest blocks (largest estimates first) whose estimated mass
      brings the total to `coverage`;
   4. a (batch, head) that keeps more than `max_density` of its allowed blocks keeps all of them: its
@@ -70,6 +73,12 @@ def _pooled(x: torch.Tensor, n_blocks: int, block_size: int,
     return summed / counts.clamp(min=1)[..., None], counts
 
 
+def block_means(x: torch.Tensor, n_blocks: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, count): the float32 mean of x (B, H, N, E) over each block of `block_size` rows, (B, H, n_blocks, E),
+    and how many rows each averages (the pooling of the estimators; for benchmarks)."""
+    return _pooled(x, n_blocks, block_size)
+
+
 # Note [Block estimators]
 # "pooled" (the default): one dot product per (query block, key block) of the blocks' mean q and mean k, a
 # softmax over key blocks: (L/128)^2 products per head, nothing stored. "sampled": SAMPLED_ROWS exact query
@@ -80,21 +89,49 @@ def _pooled(x: torch.Tensor, n_blocks: int, block_size: int,
 # sampled rows keep more of the true mass (at 8k: 96.0 % at 30.2 % density where pooled keeps 89.5 % at
 # 24.8 % and 96.2 % at 43.6 %): averaging the queries is what loses mass. On an H100 (bench_estimators.py) the
 # compiled selection with it took 0.74 / 3.4 ms at 8k / 16k (H=16, D=128), 1.5-1.75x SDPA flash's time,
-# against 0.13 / 0.26 ms pooled: for accuracy, not speed. The matmul runs in float32 (not tried: bf16).
+# against 0.13 / 0.26 ms pooled: for accuracy, not speed. The matmul runs in float32 (in bf16 the densities and
+# kept mass on Gemma-3 were the same to 0.001: estimator_vs_oracle.py's rows8-bf16).
+#
+# "dual" (issue 16): the mean of two pooled views, each exact on one side. pooled_q_mass: each query block's mean
+# query against every key, its softmax over the keys summed per key block: a single key that holds a row's mass (an
+# induction hit, a salient token) stays visible, where a key block's mean divides its score by the block size.
+# pooled_k_mass: every query row against each key block's mean key (plus the log of its length), its softmax over the
+# blocks averaged over the block's rows: rows that each attend a different block stay visible, where the block's mean
+# query keeps only what the rows share (often the sink) and puts the mass there. Each half alone fails where the other
+# holds: on Gemma-3-270M's global layers at 16k (estimator_vs_oracle.py, raw
+# benchmarks/results/2026-12-04_cpu_estimator_*.json) the mean query alone keeps 0.70 of layer 5 head 1's true mass at
+# coverage 0.99, and the mean keys alone fail as pooled does on spiky heads (layer 11 head 0: pooled needs 1.55x the
+# oracle's blocks for 0.95 of the mass and never reaches 0.98). Together, at equal mean true mass, all 12 heads need
+# at most 1.07x the oracle's blocks at 0.99 of the mass (1.11x at 0.98, 1.20x at 0.95, layer 5 head 1; sampled:
+# 1.06 / 1.09 / 1.14x), and the kept mass tracks the coverage asked. Whole model (gemma3_coverage.py, the three global
+# layers selected): at 16k tokens coverage 0.93 costs +0.19 % perplexity at density 0.44 and 0.95 +0.09 % at 0.50,
+# where the +0.5 % bar needs 0.95 with sampled (+0.26 % at 0.49) and 0.98 with pooled (+0.45 % at 0.60); 0.9 is over
+# it (+0.69 % at 0.36). The mean query alone is +1.8 % at 0.95 (8k). Cost: two matmuls of (L / block) x S x E per
+# head, 2 / block_size of the scores' matmul: 1.6 % of dense causal attention's FLOPs at block 128 (sampled 6.25 %,
+# pooled 0.006 %), and L * S / block_size scores each (a quarter of sampled's); in q's dtype (the saved Gemma-3 inputs
+# are bf16: the same densities as float32 to 0.002), a group's query heads sharing their keys without a repeat. GPU
+# time not measured yet (bench_estimators.py --parts). On inputs where single keys hold most of every row's mass the
+# mean-keys half spreads it, so "dual" keeps more than asked (tests/test_estimators.py: up to 1.2x the oracle's blocks
+# at equal mass). Tried and not kept (estimator_vs_oracle.py): XAttention's antidiagonal scores (stride 8 and 16),
+# means of 16x16 or 128x4 tiles (all as pooled on the spiky heads: any mean over keys hides a spike), 2 or 4 sampled
+# rows, the mean query with 4 sampled rows or 8, the union of the two halves' selections, means of 64..8 query rows
+# against every key (as the mean query alone on layer 5 head 1).
 SAMPLED_ROWS = 8
 _SAMPLED_CHUNK = 1 << 26  # scores (float32) per chunk of the sampled estimator
 
 
 def sampled_mass(
-    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, allowed: torch.Tensor, bs: int
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, allowed: torch.Tensor, bs: int,
+    n_rows: int = SAMPLED_ROWS, dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Block mass (B, H, QB, KB) from SAMPLED_ROWS exact rows per query block (Note [Block estimators])."""
+    """Block mass (B, H, QB, KB) from `n_rows` exact rows per query block, their scores' matmul in `dtype` (Note
+    [Block estimators]; benchmarks try other counts and dtypes)."""
     B, H, L, E = q.shape
     Hk, S = k.shape[1], k.shape[2]
     QB, KB = -(-L // bs), -(-S // bs)
     dev = q.device
     # evenly spaced rows, the first and last of the block included (python ints: no data-dependent size)
-    picks = sorted({round(i * (bs - 1) / max(1, SAMPLED_ROWS - 1)) for i in range(SAMPLED_ROWS)})
+    picks = sorted({round(i * (bs - 1) / max(1, n_rows - 1)) for i in range(n_rows)})
     offsets = torch.tensor(picks, device=dev)
     r = len(picks)
     rows = (torch.arange(QB, device=dev)[:, None] * bs + offsets[None, :]).clamp(max=L - 1)  # (QB, r)
@@ -106,13 +143,85 @@ def sampled_mass(
     masses = []
     for start in range(0, QB, chunk):
         rws = rows[start:start + chunk].flatten()  # (c * r,)
-        scores = (q[:, :, rws].float() @ k.float().transpose(-2, -1)) * scale  # (B, H, c * r, S)
+        scores = (q[:, :, rws].to(dtype) @ k.to(dtype).transpose(-2, -1)).float() * scale  # (B, H, c * r, S)
         if causal:
             scores = scores.masked_fill(keys[None, :] > rws[:, None], float("-inf"))
         p = F.pad(torch.softmax(scores, dim=-1), (0, pad))
         c = rws.numel() // r
         masses.append(p.view(B, H, c, r, KB, bs).sum((3, 5)) / r)
     return torch.cat(masses, dim=2).masked_fill(~allowed, 0.0)
+
+
+def pooled_q_mass(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, allowed: torch.Tensor, bs: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Block mass (B, H, QB, KB) of each query block's mean query against every key, its own softmax over the
+    keys summed per key block (Note [Block estimators], "dual"); the matmul in `dtype` (default: q's)."""
+    B, H, L, E = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    QB, KB = -(-L // bs), -(-S // bs)
+    dev = q.device
+    dtype = dtype or q.dtype
+    qp = _pooled(q, QB, bs)[0].to(dtype)  # (B, H, QB, E)
+    kt = k.to(dtype).transpose(-2, -1)  # (B, Hk, E, S): a group's query heads share it, no repeat
+    q_last = torch.clamp((torch.arange(QB, device=dev) + 1) * bs, max=L) - 1  # the block's last row
+    hidden = torch.arange(S, device=dev)[None, :] > q_last[:, None]  # (QB, S): keys after the block's last row
+    pad = KB * bs - S
+    chunk = max(1, _SAMPLED_CHUNK // max(1, B * H * S))
+    masses = []
+    for start in range(0, QB, chunk):
+        qc = qp[:, :, start:start + chunk]
+        c = qc.shape[2]
+        scores = (qc.reshape(B, Hk, H // Hk * c, E) @ kt).view(B, H, c, S).float() * scale
+        if causal:
+            scores = scores.masked_fill(hidden[start:start + chunk], float("-inf"))
+        p = F.pad(torch.softmax(scores, dim=-1), (0, pad))
+        masses.append(p.view(B, H, c, KB, bs).sum(-1))
+    return torch.cat(masses, dim=2).masked_fill(~allowed, 0.0)
+
+
+def pooled_k_mass(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, allowed: torch.Tensor, bs: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Block mass (B, H, QB, KB) of every query row against the key blocks' mean keys (plus the log of each
+    block's length), its own softmax over the blocks it sees (those starting at or before the row), averaged over
+    the query block's rows (Note [Block estimators], "dual"); the matmul in `dtype` (default: q's)."""
+    B, H, L, E = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    QB, KB = -(-L // bs), -(-S // bs)
+    dev = q.device
+    dtype = dtype or q.dtype
+    kp, k_len = _pooled(k, KB, bs)
+    kpt = kp.to(dtype).transpose(-2, -1)  # (B, Hk, E, KB)
+    bias = k_len.clamp(min=1).float().log()
+    qs = F.pad(q, (0, 0, 0, QB * bs - L)).to(dtype)  # whole blocks; the padded rows are dropped from the means
+    rows = torch.arange(QB * bs, device=dev)
+    hidden = (torch.arange(KB, device=dev) * bs)[None, :] > rows[:, None]  # (QB * bs, KB)
+    real = (rows < L).float()[:, None]
+    chunk = max(1, _SAMPLED_CHUNK // max(1, B * H * bs * KB))  # query blocks per chunk
+    masses = []
+    for start in range(0, QB, chunk):
+        qc = qs[:, :, start * bs:(start + chunk) * bs]
+        c = qc.shape[2] // bs
+        scores = (qc.reshape(B, Hk, H // Hk * c * bs, E) @ kpt).view(B, H, c * bs, KB).float() * scale + bias
+        if causal:
+            scores = scores.masked_fill(hidden[start * bs:(start + c) * bs], float("-inf"))
+        p = torch.softmax(scores, dim=-1) * real[start * bs:(start + c) * bs]
+        masses.append(p.view(B, H, c, bs, KB).sum(3))
+    n_rows = torch.clamp(L - torch.arange(QB, device=dev) * bs, max=bs).view(QB, 1)
+    return (torch.cat(masses, dim=2) / n_rows).masked_fill(~allowed, 0.0)
+
+
+def dual_mass(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, allowed: torch.Tensor, bs: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Block mass (B, H, QB, KB) of the "dual" estimator: the mean of pooled_q_mass and pooled_k_mass (Note
+    [Block estimators])."""
+    return (pooled_q_mass(q, k, scale, causal, allowed, bs, dtype)
+            + pooled_k_mass(q, k, scale, causal, allowed, bs, dtype)) / 2
 
 
 def select_blocks(
@@ -198,6 +307,8 @@ def select(
 
     if settings.estimator == "sampled":  # Note [Block estimators]
         mass = sampled_mass(q, k, scale, causal, allowed, bs)
+    elif settings.estimator == "dual":
+        mass = dual_mass(q, k, scale, causal, allowed, bs)
     else:
         q_valid, k_valid = valid if valid is not None else (None, None)
         if k_valid is not None and k_valid.shape[1] not in (1, k.shape[1]):  # head-dependent mask under GQA

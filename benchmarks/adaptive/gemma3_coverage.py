@@ -9,6 +9,7 @@ only the (query block, key block) pairs of a block selection:
   exact        every causal block (the baseline; the same code path as the others)
   pooled       select_blocks, estimator "pooled" (the package's default), max_density 1.0 (no head falls back)
   sampled      select_blocks, estimator "sampled", max_density 1.0
+  pooled_q     select_blocks, estimator "pooled_q", max_density 1.0
   oracle-avg   per query block, besides the forced blocks, the fewest key blocks (largest first) whose true mass
                averaged over the block's rows brings the total to the coverage: what the package's rule would
                keep with a perfect estimate (from this layer's exact softmax, in this run)
@@ -36,12 +37,12 @@ from typing import Any
 
 import torch
 
-from asam_compile.config import SparseSettings
+from asam_compile.config import ESTIMATORS, SparseSettings
 from asam_compile.kernels.selection import forced_blocks, select_blocks, take_by_coverage
 
 F = torch.nn.functional
 
-SELECTIONS = ("exact", "pooled", "sampled", "oracle-avg")
+SELECTIONS = ("exact", *ESTIMATORS, "oracle-avg")
 ATTENTION_NAME = "asam_gemma3_coverage"
 
 
@@ -58,7 +59,7 @@ class Config:
         return "exact" if self.selection == "exact" else f"{self.selection} c={self.coverage} b={self.block}"
 
     def settings(self) -> SparseSettings:
-        estimator = self.selection if self.selection in ("pooled", "sampled") else "pooled"
+        estimator = self.selection if self.selection in ESTIMATORS else "pooled"
         return SparseSettings.checked(block_size=self.block, coverage=self.coverage, max_density=1.0,
                                       min_seq_len=0, window=2, sinks=1, estimator=estimator)
 
@@ -74,7 +75,7 @@ def global_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"--chunk {chunk} must be a multiple of the block size {bs}")
     QB = -(-L // bs)
     forced, allowed, _ = forced_blocks(L, L, causal=True, settings=settings, device=query.device)  # (QB, KB)
-    if config.selection in ("pooled", "sampled"):
+    if config.selection in ESTIMATORS:
         kept = select_blocks(query, key, scale=scale, causal=True, settings=settings)[0]  # (B, H, QB, KB)
     elif config.selection == "exact":
         kept = allowed.expand(B, H, QB, QB).clone()
