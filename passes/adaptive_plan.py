@@ -44,9 +44,9 @@ def site_settings(softmax: fx.Node, config: AsamConfig, root: type | None = None
 
 
 def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, device: torch.device,
-            requires_grad: bool, mask_kind: str | None = None) -> str | None:
+            requires_grad: bool, mask_kind: str | None = None, heads: Any = 1) -> str | None:
     """Why this matched site cannot or should not go sparse (it then stays exact), or None. `mask_kind`: the
-    site's, if it went adaptive (a dense mask with a Flex plan becomes "flex")."""
+    site's, if it went adaptive (a dense mask with a Flex plan becomes "flex"); `heads`: batch x query heads."""
     mask_kind = mask_kind or m.mask_kind
     if mask_kind not in ("none", "causal", "flex"):
         why = f" ({m.flex_plan})" if isinstance(m.flex_plan, str) else ""
@@ -73,7 +73,26 @@ def refusal(m: Any, settings: SparseSettings, L: Any, S: Any, E: Any, Ev: Any, d
     if forced is not None and forced > settings.max_density:  # Note [Nothing to select]
         return (f"the sinks and window blocks alone are {forced:.0%} of the allowed blocks (> max_density="
                 f"{settings.max_density}): every head would run all of them, so the selection is skipped")
+    if (forced is not None and settings.dense_fallback == "measured" and mask_kind in ("none", "causal")
+            and device.type == "cuda" and not requires_grad):  # Note [Nothing to gain]
+        gain, floor = cost.best_dispatch_gain(size_hint(heads), size_hint(L), size_hint(S), int(E),
+                                              mask_kind == "causal", forced)
+        if gain <= floor:
+            return (f"even with only its sinks and window blocks ({forced:.0%}) on every head, sparse would save "
+                    f"{gain * 1e3:.2f} ms a call, no more than the measured dispatch's own cost ({floor * 1e3:.2f} "
+                    f"ms)")
     return None
+
+
+# Note [Nothing to gain]
+# The measured dispatch (Note [Dispatch by measured density] in asam_compile/kernels/dispatch.py) costs its
+# opaque op's time on every call, even where it then runs SDPA alone: on an H200 the whole SmolLM2-135M at 8k
+# tokens ran 31.9 ms through it against 18.7 ms exact, with (by the densities it measures) no head going sparse,
+# about 0.44 ms a site in a host-bound run (benchmarks/RESULTS.md, session 9). So on CUDA, where even the best
+# case (every head keeping only its forced blocks, on the fastest sparse kernel) saves no more than that cost and
+# the sparse path's own (cost.best_dispatch_gain), the site stays exact at compile time: short or few-headed
+# sites (SmolLM2's 9 heads of 64 save at most ~0.3 / 0.53 ms a site at 8k / 16k; at 32k 2.1 ms), not Gemma-3's
+# global layers at 16k (~0.9 ms). The 0.44 ms is one host-bound measurement; a GPU-bound model pays less.
 
 
 # Note [Nothing to select]

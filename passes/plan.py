@@ -387,7 +387,8 @@ def _plan_adaptive(m: AttentionMatch, config: AsamConfig, cand: Candidate, root_
     # subset of its blocks (Note [Adaptive over a structured mask] in asam_compile/kernels/adaptive.py)
     to_flex = m.mask_kind == "dense" and isinstance(m.flex_plan, FlexPlan)
     why = adaptive_plan.refusal(m, settings, probs.shape[-2], probs.shape[-1], qs[-1], vs[-1], out.device,
-                           bool(out.requires_grad), mask_kind="flex" if to_flex else m.mask_kind)
+                           bool(out.requires_grad), mask_kind="flex" if to_flex else m.mask_kind,
+                           heads=math.prod(probs.shape[:-2]))
     if why is not None:
         cand.info["adaptive"] = f"exact: {why}"
         return m

@@ -166,3 +166,31 @@ def test_more_head_splits_than_dynamos_recompile_limit(monkeypatch):
         dense = torch.nn.functional.scaled_dot_product_attention(q[:, n:], k[:, n:], v[:, n:], is_causal=True,
                                                                  scale=SCALE)
         torch.testing.assert_close(out[:, n:], dense, atol=EXACT_TOL, rtol=0)
+
+
+def test_sites_with_nothing_to_gain_stay_exact_on_cuda():
+    """Note [Nothing to gain]: on CUDA a measured-dispatch site whose best case (only the forced blocks on every
+    head) saves no more than the dispatch's own cost stays exact: SmolLM2's shape at 8k and 16k (9 heads, D=64:
+    its whole attention then takes ~0.56 ms by the FLOP model), not at 32k, not Gemma-3's global layer at 16k (4
+    heads, D=256); the rule is CUDA's, inference's and measured's only."""
+    import types
+
+    from asam_compile.kernels import cost
+    from asam_compile.passes import adaptive_plan
+
+    site = types.SimpleNamespace(mask_kind="causal", dropout_p=0.0, flex_plan=None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    st = SparseSettings(min_seq_len=0)
+
+    def why(heads, L, E, device=cuda, settings=st, requires_grad=False):
+        return adaptive_plan.refusal(site, settings, L, L, E, E, device, requires_grad, heads=heads)
+
+    smol_8k = why(9, 8192, 64)
+    assert smol_8k is not None and "measured dispatch's own cost" in smol_8k, smol_8k
+    gain, floor = cost.best_dispatch_gain(9, 8192, 8192, 64, True, 0.09)
+    assert 0 < gain < floor
+    assert why(9, 16384, 64) is not None and why(9, 32768, 64) is None
+    assert why(4, 16384, 256) is None
+    assert why(9, 8192, 64, device=cpu) is None
+    assert why(9, 8192, 64, requires_grad=True) is None
+    assert why(9, 8192, 64, settings=st.replaced(dense_fallback="none")) is None

@@ -103,3 +103,16 @@ def sparse_split(density: list[float], *, max_density: float, E: int, L: int, S:
         if gain > best_gain:
             best, best_gain = tuple(sorted(chosen)), gain
     return best
+
+
+# Note [Nothing to gain] in passes/adaptive_plan.py: what the measured dispatch's opaque op costs a call besides
+# its kernels, measured on an H200 in a host-bound run (SmolLM2-135M at 8k: 13.2 ms over 30 sites that ran SDPA).
+DISPATCH_OP_S = 4.4e-4
+
+
+def best_dispatch_gain(heads: int, L: int, S: int, E: int, causal: bool, forced: float) -> tuple[float, float]:
+    """(seconds, floor): what a measured-dispatch site would save at best on CUDA (every one of `heads` batch x
+    query heads keeping only its forced share of the blocks, on the Triton kernel) and what the dispatch costs
+    (its op and the sparse path's fixed cost). Note [Nothing to gain] in passes/adaptive_plan.py."""
+    gain = heads * head_seconds(L, S, E, causal) * max(0.0, 1.0 - forced / sparse_speed(E, "triton"))
+    return gain, DISPATCH_OP_S + SPARSE_CALL_OVERHEAD_S["triton"]
