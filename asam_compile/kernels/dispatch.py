@@ -22,10 +22,11 @@ up to a power of two):
 Between those calls no value is read back: the split is a Python tuple of head indices. The compiled helpers
 (selection, Flex, the Triton path) see a different number of heads per split, and Dynamo compiles each shape once:
 the op raises Dynamo's recompile limit (8 by default, after which it would run them uncompiled, and eager Flex
-fails inside the op) to 64 while it runs (measured on CPU with SmolLM2 at 8k, whose 30 sites split 9 heads in
-many ways; on the H200 the same model ran 0.59x the exact rewrite, the likely cause). The decision is shown by
-`decisions()` and in explain(); a site runs the same kernels as the exact rewrite when no head pays, so it costs
-the exact rewrite's time plus a dictionary look-up. Inference only: a graph that needs gradients takes the in-graph
+fails inside the op) to 64 while it runs (found on CPU with SmolLM2 at 8k, whose 30 sites split 9 heads in
+many ways). The decision is shown by `decisions()` and in explain(); a site runs the same kernels as the exact
+rewrite when no head pays, plus the op's own cost: ~70 us on a CPU, but about 0.44 ms a site in a host-bound H200
+run of SmolLM2 at 8k (0.59x the exact rewrite; not yet explained), which is why the plan keeps sites that cannot
+gain that much exact (Note [Nothing to gain] in passes/adaptive_plan.py). Inference only: a graph that needs gradients takes the in-graph
 call (the plan stage decides; the split would change the function between forward and backward).
 """
 
