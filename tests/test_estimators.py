@@ -128,21 +128,32 @@ def diverse_rows(L=1024, H=2, seed=0):
 # ------------------------------------------------------------------------------------------- what they compute
 
 
+def half_case(monkeypatch, chunk, causal, L=1000):
+    """The inputs of one half of "dual" checked against float64: (L, scale, q, k, QB, block index, allowed blocks,
+    rows per block as float64), with the estimators' chunk size set to `chunk` (L = 1000: a ragged last block)."""
+    monkeypatch.setattr(selection, "_SAMPLED_CHUNK", chunk)
+    q, k, _ = qkv(L)
+    QB = -(-L // BS)
+    i = torch.arange(QB)
+    allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(QB, QB, dtype=torch.bool)
+    return L, E**-0.5, q, k, QB, i, allowed, torch.clamp(L - i * BS, max=BS).double()
+
+
+def block_mean(x, n):
+    """float64 mean of x (1, H, L, E) over each block of BS rows, the ragged last one over its n rows."""
+    QB = n.numel()
+    return F.pad(x.double(), (0, 0, 0, QB * BS - x.shape[2])).view(*x.shape[:2], QB, BS, E).sum(3) / n.view(QB, 1)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("chunk", [1 << 26, 1000], ids=["one_chunk", "chunked"])
 def test_pooled_q_mass_is_the_softmax_of_each_blocks_mean_query_over_every_key(causal, chunk, monkeypatch):
     """Note [Block estimators]: half of "dual" is the mean query of each block against every key (GQA by groups,
     causal up to the block's last row), its softmax summed per key block; chunking and a ragged last block
     change nothing."""
-    monkeypatch.setattr(selection, "_SAMPLED_CHUNK", chunk)
-    L, scale = 1000, E**-0.5
-    q, k, _ = qkv(L)
-    QB = -(-L // BS)
-    i = torch.arange(QB)
-    allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(QB, QB, dtype=torch.bool)
+    L, scale, q, k, QB, i, allowed, n = half_case(monkeypatch, chunk, causal)
     mass = selection.pooled_q_mass(q, k, scale, causal, allowed, BS)
-    n = torch.clamp(L - i * BS, max=BS).double()
-    qbar = F.pad(q.double(), (0, 0, 0, QB * BS - L)).view(1, 4, QB, BS, E).sum(3) / n.view(QB, 1)
+    qbar = block_mean(q, n)
     scores = qbar @ k.double().repeat_interleave(2, 1).transpose(-2, -1) * scale  # (1, 4, QB, L)
     if causal:
         last = torch.clamp((i + 1) * BS, max=L) - 1
@@ -158,15 +169,9 @@ def test_pooled_k_mass_is_each_rows_softmax_over_the_mean_keys_averaged_per_bloc
     """Note [Block estimators]: the other half of "dual" is every query row against each key block's mean key
     plus the log of its length (causal: the blocks starting at or before the row), its softmax averaged over the
     query block's rows; chunking, GQA and a ragged last block change nothing."""
-    monkeypatch.setattr(selection, "_SAMPLED_CHUNK", chunk)
-    L, scale = 1000, E**-0.5
-    q, k, _ = qkv(L)
-    QB = -(-L // BS)
-    i = torch.arange(QB)
-    allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(QB, QB, dtype=torch.bool)
+    L, scale, q, k, QB, i, allowed, n = half_case(monkeypatch, chunk, causal)
     mass = selection.pooled_k_mass(q, k, scale, causal, allowed, BS)
-    n = torch.clamp(L - i * BS, max=BS).double()
-    kbar = F.pad(k.double(), (0, 0, 0, QB * BS - L)).view(1, 2, QB, BS, E).sum(3) / n.view(QB, 1)
+    kbar = block_mean(k, n)
     scores = q.double() @ kbar.repeat_interleave(2, 1).transpose(-2, -1) * scale + n.log()  # (1, 4, L, QB)
     if causal:
         scores = scores.masked_fill(i[None, :] * BS > torch.arange(L)[:, None], float("-inf"))
